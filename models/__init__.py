@@ -1,0 +1,1 @@
+"""Pure compute: volumes in, results out. torch is imported only by pipelines, physics, networks."""

@@ -1,0 +1,1 @@
+"""Pipelines: pure functions ``run(inputs, params, progress) -> Result``."""

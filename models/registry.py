@@ -1,0 +1,167 @@
+"""The pipeline registry: the single, torch-free source of truth for what can be run.
+
+Adding a pipeline is adding a :class:`PipelineSpec` to ``_SPECS``. Listing the registry or
+validating parameters imports neither torch nor the pipeline code; only :func:`load_pipeline`
+imports the factory module, on a worker or in the CLI.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from models.errors import InvalidParameters, UnknownPipeline
+from models.pipelines.zeroshot_denoise.params import ZeroShotDenoiseParams
+from models.result import ProgressCallback, Result
+from models.volume import Volume
+
+PipelineFn = Callable[[Mapping[str, Volume], Any, ProgressCallback], Result]
+"""``run(inputs, params, progress) -> Result``: the signature every factory returns."""
+
+CARDS_DIR = Path(__file__).resolve().parent / "cards"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One named input of a pipeline.
+
+    Attributes:
+        name: Key in the ``inputs`` mapping.
+        modalities: Accepted DICOM modalities (e.g. ``("CT", "MR")``).
+        description: What the input must be.
+    """
+
+    name: str
+    modalities: tuple[str, ...]
+    description: str
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """Registry record of one pipeline.
+
+    Attributes:
+        name: Unique kebab-case name used by the CLI and the API.
+        version: Semantic version of code + weights; bump when either changes.
+        summary: One line for listings.
+        inputs: Named inputs.
+        outputs: Names of the output volumes in the Result.
+        queue: Worker queue: ``"gpu"`` if it benefits from CUDA, else ``"cpu"``.
+        params_model: Pydantic model validating the parameters (torch-free).
+        factory: ``"module:function"`` returning a :data:`PipelineFn`.
+        model_card: File name in ``models/cards``.
+        weights: Path of the weights file relative to the repository's ``models`` package, or
+            ``None`` for a weight-free pipeline.
+        time_limit_s: Hard time limit for one job, seconds.
+    """
+
+    name: str
+    version: str
+    summary: str
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[str, ...]
+    queue: Literal["gpu", "cpu"]
+    params_model: type[BaseModel]
+    factory: str
+    model_card: str
+    weights: str | None = None
+    time_limit_s: int = 3600
+
+    def card_text(self) -> str:
+        """Return the model card (Markdown)."""
+        return (CARDS_DIR / self.model_card).read_text(encoding="utf-8")
+
+    def weights_sha256(self) -> str:
+        """Return the sha256 of the weights file, or ``"none"`` for weight-free pipelines."""
+        if self.weights is None:
+            return "none"
+        path = Path(__file__).resolve().parent / self.weights
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+
+_SPECS: tuple[PipelineSpec, ...] = (
+    PipelineSpec(
+        name="zeroshot-denoise",
+        version="1.0.0",
+        summary=(
+            "Self-supervised single-scan denoising (ZS-N2N-style pair downsampling, "
+            "neighbouring-slice context, early stopping); no training data, no weights."
+        ),
+        inputs=(InputSpec("image", ("CT", "MR", "OT"), "a CT (HU) or MR volume"),),
+        outputs=("denoised",),
+        queue="gpu",
+        params_model=ZeroShotDenoiseParams,
+        factory="models.pipelines.zeroshot_denoise.pipeline:run",
+        model_card="zeroshot_denoise.md",
+        time_limit_s=3600,
+    ),
+)
+
+_BY_NAME: dict[str, PipelineSpec] = {spec.name: spec for spec in _SPECS}
+
+
+def all_specs() -> tuple[PipelineSpec, ...]:
+    """Return every registered pipeline, in registration order."""
+    return _SPECS
+
+
+def get_spec(name: str) -> PipelineSpec:
+    """Return the record for ``name``.
+
+    Raises:
+        UnknownPipeline: With the closest registered names as suggestions.
+    """
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_BY_NAME), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        known = ", ".join(sorted(_BY_NAME))
+        raise UnknownPipeline(f"unknown pipeline {name!r}{hint} (known: {known})") from None
+
+
+def validate_params(spec: PipelineSpec, raw: Mapping[str, Any]) -> BaseModel:
+    """Validate raw parameters against the pipeline's model.
+
+    Unknown keys are refused with a did-you-mean hint (a typo must not silently fall back to
+    a default).
+
+    Raises:
+        InvalidParameters: Naming each bad key and why.
+    """
+    fields = spec.params_model.model_fields
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        parts = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+            parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise InvalidParameters(
+            f"{spec.name}: unknown parameter {', '.join(parts)}; "
+            f"accepted: {', '.join(sorted(fields))}"
+        )
+    try:
+        return spec.params_model.model_validate(dict(raw))
+    except ValidationError as exc:
+        reasons = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise InvalidParameters(f"{spec.name}: {reasons}") from None
+
+
+def load_pipeline(spec: PipelineSpec) -> PipelineFn:
+    """Import and return the pipeline's run function (this may import torch)."""
+    module_name, _, attr = spec.factory.partition(":")
+    fn: PipelineFn = getattr(importlib.import_module(module_name), attr)
+    return fn

@@ -1,0 +1,1 @@
+"""The edges: CLI, HTTP, DICOM networking, store and file formats. Never imports torch."""

@@ -1,0 +1,1 @@
+"""File formats: DICOM series, NIfTI, NRRD/MHA <-> Volume; derived DICOM; atomic output."""
