@@ -1,1 +1,1 @@
-"""Zero-shot (single-scan, self-supervised) denoising. Importing this package does not import torch."""
+"""Zero-shot (single-scan, self-supervised) denoising; importing this package imports no torch."""

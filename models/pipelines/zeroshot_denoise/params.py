@@ -20,14 +20,14 @@ class ZeroShotDenoiseParams(BaseModel):
     context_slices: int = Field(
         1, ge=0, le=3, description="neighbouring slices on each side given to the network"
     )
-    max_iterations: int = Field(
-        1200, ge=10, le=20000, description="upper bound on optimiser steps"
-    )
+    max_iterations: int = Field(1200, ge=10, le=20000, description="upper bound on optimiser steps")
     min_iterations: int = Field(
         300, ge=0, le=20000, description="steps before early stopping may trigger"
     )
     plateau_patience: int = Field(
-        200, ge=10, le=5000,
+        200,
+        ge=10,
+        le=5000,
         description="stop when the smoothed loss has not improved by plateau_tolerance "
         "for this many steps",
     )

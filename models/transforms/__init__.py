@@ -1,0 +1,1 @@
+"""Array transforms: intensity, noise estimation, figures (numpy only)."""

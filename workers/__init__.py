@@ -1,0 +1,1 @@
+"""Thin glue between the service edges and the compute in models/."""

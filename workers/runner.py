@@ -1,0 +1,67 @@
+"""Run one pipeline on one input: load -> validate -> compute -> write outputs atomically.
+
+Used by the CLI now and by the queue workers later; it holds no transport-specific logic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.errors import InputRejected, PipelineFailed, VoxelgateError
+from models.registry import PipelineSpec, get_spec, load_pipeline, validate_params
+from models.result import ProgressCallback
+from service.io.outputs import write_outputs
+from service.io.read_any import read_volume
+
+
+@dataclass(frozen=True)
+class LocalJob:
+    """One pipeline run on local files.
+
+    Attributes:
+        pipeline: Registry name.
+        input_path: DICOM folder/zip/file, NIfTI, NRRD or MHA.
+        output_dir: Destination folder (appears atomically).
+        params: Raw parameters (validated against the registry before any work).
+        series_uid: Series to pick when the input holds several.
+        allow_missing_study_uid: Accept DICOM with an empty StudyInstanceUID.
+    """
+
+    pipeline: str
+    input_path: Path
+    output_dir: Path
+    params: Mapping[str, Any]
+    series_uid: str | None = None
+    allow_missing_study_uid: bool = False
+
+
+def _check_modality(spec: PipelineSpec, modality: str) -> None:
+    accepted = spec.inputs[0].modalities
+    if modality not in accepted:
+        raise InputRejected(
+            f"{spec.name} accepts modalities {', '.join(accepted)}, the input is {modality!r}"
+        )
+
+
+def run_local(job: LocalJob, progress: ProgressCallback) -> dict[str, Any]:
+    """Execute ``job`` and return the content of its ``result.json``.
+
+    Raises:
+        UnknownPipeline, InvalidParameters, InputRejected: Before any heavy work.
+        PipelineFailed: When the computation itself raised an unexpected error.
+    """
+    spec = get_spec(job.pipeline)
+    params = validate_params(spec, job.params)
+    loaded = read_volume(job.input_path, job.series_uid, job.allow_missing_study_uid)
+    _check_modality(spec, loaded.volume.modality)
+    run = load_pipeline(spec)
+    try:
+        result = run({spec.inputs[0].name: loaded.volume}, params, progress)
+    except VoxelgateError:
+        raise
+    except Exception as exc:  # translate once: any unexpected error is a failed pipeline
+        raise PipelineFailed(f"{spec.name} failed: {type(exc).__name__}: {exc}") from exc
+    return write_outputs(result, job.output_dir, loaded.dicom)
