@@ -1,0 +1,18 @@
+"""CT physics, kept apart from the networks: geometry, projectors and low-dose simulation.
+
+Modules (import the one you need; this package imports nothing heavy by itself):
+
+* :mod:`models.physics.geometry`: :class:`~models.physics.geometry.ParallelBeamGeometry`, the
+  2D parallel-beam scanner description and the image/angle/detector conventions.
+* :mod:`models.physics.projector`: the :class:`~models.physics.projector.Projector` protocol
+  (forward projection, its exact adjoint, filtered backprojection), the default torch backend
+  :class:`~models.physics.projector.TorchParallelProjector` and
+  :func:`~models.physics.projector.make_projector`.
+* :mod:`models.physics.astra_backend`: an optional cross-check backend on the ASTRA toolbox
+  (GPLv3, never imported unless asked for).
+* :mod:`models.physics.lowdose`: HU <-> linear attenuation conversion, Poisson low-dose
+  simulation with correlated (FBP-shaped) noise, and a body mask for metrics.
+
+Units used throughout: images of linear attenuation in 1/mm, images in HU for CT slices,
+lengths in mm, sinograms of line integrals (dimensionless, mm x 1/mm), angles in radians.
+"""

@@ -1,0 +1,598 @@
+"""Parallel-beam projectors: the :class:`Projector` protocol and its default torch backend.
+
+A projector is a linear operator ``A`` from images of linear attenuation (1/mm) to sinograms of
+line integrals (dimensionless: mm x 1/mm), with its adjoint ``A^T`` and a filtered
+backprojection (FBP) that inverts it approximately. Conventions (axes, angles, detector) are
+those of :mod:`models.physics.geometry`.
+
+Shapes (numpy in, numpy out):
+
+* image: ``(N, N)`` or a batch ``(B, N, N)``, indexed ``[row (+y), col (+x)]``, 1/mm;
+* sinogram: ``(n_views, n_det)`` or ``(B, n_views, n_det)``, indexed ``[view, bin]``.
+
+The default backend :class:`TorchParallelProjector` is our own (Apache-2.0) and runs on CPU or
+CUDA; :mod:`models.physics.astra_backend` wraps the optional, GPLv3 ASTRA toolbox (2D CPU only)
+as a cross-check. Use :func:`make_projector` to pick one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+
+from models.errors import InputRejected
+from models.physics.geometry import ParallelBeamGeometry
+
+FloatArray = npt.NDArray[np.floating[Any]]
+"""A numpy float array (float32 unless a projector was built for float64)."""
+
+FilterName = Literal["ram-lak", "shepp-logan", "cosine", "hann"]
+"""FBP filters: the ramp alone, or the ramp times a Shepp-Logan, cosine or Hann window."""
+
+FILTER_NAMES: tuple[str, ...] = get_args(FilterName)
+
+BackendName = Literal["torch", "astra"]
+
+# grid_sampler integer codes used by torch's native kernels.
+_BILINEAR = 0
+_ZERO_PADDING = 0
+
+
+@runtime_checkable
+class Projector(Protocol):
+    """A 2D parallel-beam projector: forward projection, exact adjoint and FBP.
+
+    Implementations accept numpy arrays (any real dtype; converted) and return numpy arrays of
+    their working dtype (float32 by default), keeping the batched or single form of the input.
+    """
+
+    @property
+    def geometry(self) -> ParallelBeamGeometry:
+        """The scan geometry this projector was built for."""
+        ...
+
+    def forward(self, image: npt.ArrayLike) -> FloatArray:
+        """Project images of linear attenuation.
+
+        Args:
+            image: Attenuation in 1/mm, shape ``(N, N)`` or ``(B, N, N)``.
+
+        Returns:
+            Line integrals (dimensionless), shape ``(n_views, n_det)`` or
+            ``(B, n_views, n_det)``.
+        """
+        ...
+
+    def adjoint(self, sinogram: npt.ArrayLike) -> FloatArray:
+        """Apply the transpose of :meth:`forward` (unfiltered backprojection).
+
+        Args:
+            sinogram: Shape ``(n_views, n_det)`` or ``(B, n_views, n_det)``.
+
+        Returns:
+            Image, shape ``(N, N)`` or ``(B, N, N)``, such that
+            ``<forward(x), y> == <x, adjoint(y)>`` up to float rounding.
+        """
+        ...
+
+    def fbp(self, sinogram: npt.ArrayLike, filter_name: FilterName = "ram-lak") -> FloatArray:
+        """Reconstruct by filtered backprojection.
+
+        Args:
+            sinogram: Line integrals, shape ``(n_views, n_det)`` or ``(B, n_views, n_det)``.
+            filter_name: One of :data:`FILTER_NAMES`.
+
+        Returns:
+            Attenuation in 1/mm, shape ``(N, N)`` or ``(B, N, N)``.
+        """
+        ...
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _as_batch(
+    array: npt.ArrayLike, trailing: tuple[int, int], name: str, dtype: npt.DTypeLike
+) -> tuple[FloatArray, bool]:
+    """Return ``array`` as a C-contiguous ``(B, *trailing)`` array and whether it was batched."""
+    arr = np.asarray(array)
+    if arr.dtype.kind not in "fiu":
+        raise InputRejected(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    if arr.ndim == 2:
+        batched = False
+        arr = arr[None]
+    elif arr.ndim == 3:
+        batched = True
+    else:
+        raise InputRejected(f"{name} must have shape {trailing} or (B, *{trailing}), got {arr.shape}")
+    if arr.shape[1:] != trailing or arr.shape[0] < 1:
+        raise InputRejected(f"{name} must have shape {trailing} or (B, *{trailing}), got {arr.shape}")
+    out = np.ascontiguousarray(arr, dtype=dtype)
+    if not np.all(np.isfinite(out)):
+        raise InputRejected(f"{name} contains NaN or infinity")
+    return out, batched
+
+
+def as_image_batch(
+    image: npt.ArrayLike, geometry: ParallelBeamGeometry, dtype: npt.DTypeLike = np.float32
+) -> tuple[FloatArray, bool]:
+    """Validate an image or image batch against a geometry.
+
+    Args:
+        image: Shape ``(N, N)`` or ``(B, N, N)``, finite real values.
+        geometry: The scan geometry (gives N).
+        dtype: Float dtype of the returned array.
+
+    Returns:
+        ``(batch, batched)``: a C-contiguous ``(B, N, N)`` array and whether the input had a
+        batch axis.
+
+    Raises:
+        InputRejected: Wrong shape, non-real dtype or non-finite values.
+    """
+    return _as_batch(image, geometry.image_shape, "image", dtype)
+
+
+def as_sinogram_batch(
+    sinogram: npt.ArrayLike, geometry: ParallelBeamGeometry, dtype: npt.DTypeLike = np.float32
+) -> tuple[FloatArray, bool]:
+    """Validate a sinogram or sinogram batch against a geometry.
+
+    Args:
+        sinogram: Shape ``(n_views, n_det)`` or ``(B, n_views, n_det)``, finite real values.
+        geometry: The scan geometry.
+        dtype: Float dtype of the returned array.
+
+    Returns:
+        ``(batch, batched)``: a C-contiguous ``(B, n_views, n_det)`` array and whether the
+        input had a batch axis.
+
+    Raises:
+        InputRejected: Wrong shape, non-real dtype or non-finite values.
+    """
+    return _as_batch(sinogram, geometry.sinogram_shape, "sinogram", dtype)
+
+
+def check_filter_name(filter_name: str) -> FilterName:
+    """Return ``filter_name`` if it is one of :data:`FILTER_NAMES`, else raise InputRejected."""
+    if filter_name not in FILTER_NAMES:
+        raise InputRejected(f"unknown FBP filter {filter_name!r}; choose one of {FILTER_NAMES}")
+    return filter_name  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- FBP pieces
+
+
+def fbp_padded_length(n_det: int) -> int:
+    """FFT length used by the FBP filter: the next power of two >= ``2 * n_det`` (>= 64)."""
+    return max(64, 1 << math.ceil(math.log2(2 * n_det)))
+
+
+def fbp_filter(n_det: int, filter_name: FilterName) -> npt.NDArray[np.float64]:
+    """Frequency response of the FBP filter, for a real FFT of length :func:`fbp_padded_length`.
+
+    The ramp is the Fourier transform of the band-limited spatial ramp kernel of Ramachandran
+    and Lakshminarayanan (``h[0] = 1/4``, ``h[n] = -1 / (pi n)^2`` for odd ``n``, else 0), which
+    keeps the DC response right, times a window of the normalised frequency ``f`` in cycles per
+    bin (``|f| <= 1/2``): Shepp-Logan ``sinc(f)``, cosine ``cos(pi f)``, Hann
+    ``(1 + cos(2 pi f)) / 2``.
+
+    Args:
+        n_det: Number of detector bins.
+        filter_name: One of :data:`FILTER_NAMES`.
+
+    Returns:
+        Real response, shape ``(P // 2 + 1,)`` with ``P = fbp_padded_length(n_det)``; it acts
+        on data sampled at unit spacing (divide by the bin spacing in mm for 1/mm).
+    """
+    size = fbp_padded_length(n_det)
+    k = np.arange(size)
+    n = np.where(k <= size // 2, k, k - size).astype(np.float64)
+    kernel = np.zeros(size)
+    kernel[0] = 0.25
+    odd = (np.abs(n) % 2) == 1
+    kernel[odd] = -1.0 / (np.pi * n[odd]) ** 2
+    ramp = np.fft.rfft(kernel).real
+    freq = np.fft.rfftfreq(size)
+    window: npt.NDArray[np.float64]
+    if filter_name == "ram-lak":
+        window = np.ones_like(freq)
+    elif filter_name == "shepp-logan":
+        window = np.sinc(freq)
+    elif filter_name == "cosine":
+        window = np.cos(np.pi * freq)
+    else:
+        window = 0.5 * (1.0 + np.cos(2.0 * np.pi * freq))
+    return np.asarray(ramp * window, dtype=np.float64)
+
+
+def fbp_angular_weight(geometry: ParallelBeamGeometry) -> float:
+    """Weight of one view in the backprojection sum of FBP.
+
+    ``d_theta * min(1, pi / arc)``: ``pi / n_views`` for 180 and 360 degree scans (where every
+    ray is measured once or twice), the plain ``d_theta`` for shorter (limited-angle) arcs.
+    Arcs between 180 and 360 degrees get uniform weights, not Parker weights.
+
+    Args:
+        geometry: The scan geometry.
+
+    Returns:
+        The dimensionless weight.
+    """
+    arc = math.radians(geometry.arc_deg)
+    return (arc / geometry.n_views) * min(1.0, math.pi / arc)
+
+
+# --------------------------------------------------------------------------- torch backend
+
+
+@contextmanager
+def _torch_threads(num_threads: int | None) -> Iterator[None]:
+    """Use ``num_threads`` intra-op threads inside the block, then restore the previous count."""
+    if num_threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputRejected(f"unknown device {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputRejected(f"device {device!r} requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputRejected(f"device must be 'cpu' or 'cuda', got {device!r}")
+    return dev
+
+
+@dataclass(frozen=True)
+class _ViewGroup:
+    """Views sampled along the same image axis by the Joseph projector.
+
+    ``vertical`` views (``|cos| >= |sin|``) take one sample per image row, the others one per
+    column. For view ``v`` the sample for detector bin ``j`` on row (column) ``r`` sits at the
+    normalised coordinate ``slope[v] * u[j] - shear[v] * q[r]`` along the row (column), with
+    ``u`` the normalised bin centres and ``q`` the normalised pixel centres; ``weight[v]`` is
+    the path length per sample (mm).
+    """
+
+    vertical: bool
+    index: torch.Tensor  # (V,) int64 view indices
+    slope: torch.Tensor  # (V,) 1 / cos or 1 / sin
+    shear: torch.Tensor  # (V,) tan or cot
+    weight: torch.Tensor  # (V,) pixel / |cos| or pixel / |sin|  (mm)
+
+
+class TorchParallelProjector:
+    """Parallel-beam projector in torch (Joseph's method) with an exact adjoint and an FBP.
+
+    Forward: for each view, rays are sampled once per image row (views closer to 0/180 deg)
+    or per image column (closer to 90 deg) with linear interpolation along that row/column
+    (Joseph's method, as ASTRA's ``linear`` kernel), through
+    :func:`torch.nn.functional.grid_sample`; samples are summed and times the path length per
+    row (``pixel / |cos theta|`` or ``pixel / |sin theta|``, mm). Outside the square the image
+    is zero.
+
+    Adjoint: the native backward kernel of the same ``grid_sample`` call, i.e. the transpose of
+    exactly the same interpolation weights, so ``<A x, y> = <x, A^T y>`` to rounding.
+
+    FBP: ramp filtering by FFT (zero-padded to :func:`fbp_padded_length`) followed by a
+    pixel-driven backprojection with linear interpolation in the detector (the usual FBP
+    backprojector, not the adjoint above), weighted by :func:`fbp_angular_weight`.
+
+    Views are processed in chunks sized to ``memory_budget_mb`` so 512^2 x 720 views stays
+    far below 2 GB. Thread count: pass ``num_threads`` to use that many torch threads during
+    each call (the previous global setting is restored afterwards; not safe to call from
+    several Python threads at once); ``None`` leaves torch's setting alone.
+
+    Args:
+        geometry: The scan geometry.
+        device: ``"cpu"`` or ``"cuda"`` (``"cuda:1"`` etc.).
+        num_threads: Torch intra-op threads during calls, or ``None``.
+        dtype: ``"float32"`` (default) or ``"float64"`` working and output precision.
+        memory_budget_mb: Rough bound on the temporary memory of one chunk (MB).
+
+    Raises:
+        InputRejected: Unknown or unavailable device, bad dtype, thread count or budget.
+    """
+
+    def __init__(
+        self,
+        geometry: ParallelBeamGeometry,
+        device: str | torch.device = "cpu",
+        *,
+        num_threads: int | None = None,
+        dtype: Literal["float32", "float64"] = "float32",
+        memory_budget_mb: float = 64.0,
+    ) -> None:
+        if not isinstance(geometry, ParallelBeamGeometry):
+            raise InputRejected(f"geometry must be a ParallelBeamGeometry, got {type(geometry)}")
+        if dtype not in ("float32", "float64"):
+            raise InputRejected(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        if num_threads is not None and (isinstance(num_threads, bool) or num_threads < 1):
+            raise InputRejected(f"num_threads must be a positive integer, got {num_threads!r}")
+        if not memory_budget_mb > 0:
+            raise InputRejected(f"memory_budget_mb must be > 0, got {memory_budget_mb!r}")
+        self._geometry = geometry
+        self._device = _resolve_device(device)
+        self._np_dtype = np.dtype(dtype)
+        self._dtype = torch.float32 if dtype == "float32" else torch.float64
+        self._num_threads = num_threads
+        self._budget_bytes = float(memory_budget_mb) * 2**20
+        self._groups = self._make_groups()
+        # Normalised line coordinates (see _line_sources): -1 and 1 are the zero-padding
+        # elements one pixel outside the image, so a position p (mm) maps to 2 p / ((N+1) pixel).
+        half_width = (geometry.image_size + 1) * geometry.pixel_size_mm / 2.0
+        self._q = self._tensor(geometry.pixel_centres_mm / half_width)
+        self._u = self._tensor(geometry.detector_centres_mm / half_width)
+
+    # ----------------------------------------------------------------- public API
+
+    @property
+    def geometry(self) -> ParallelBeamGeometry:
+        """The scan geometry."""
+        return self._geometry
+
+    @property
+    def device(self) -> torch.device:
+        """The torch device computations run on."""
+        return self._device
+
+    def forward(self, image: npt.ArrayLike) -> FloatArray:
+        """Project images of linear attenuation (see :meth:`Projector.forward`).
+
+        Args:
+            image: Attenuation in 1/mm, shape ``(N, N)`` or ``(B, N, N)``.
+
+        Returns:
+            Line integrals, shape ``(n_views, n_det)`` or ``(B, n_views, n_det)``.
+        """
+        batch, batched = as_image_batch(image, self._geometry, self._np_dtype)
+        with _torch_threads(self._num_threads), torch.inference_mode():
+            result = self._forward(torch.from_numpy(batch).to(self._device))
+        return self._to_numpy(result, batched)
+
+    def adjoint(self, sinogram: npt.ArrayLike) -> FloatArray:
+        """Apply the exact transpose of :meth:`forward` (see :meth:`Projector.adjoint`).
+
+        Args:
+            sinogram: Shape ``(n_views, n_det)`` or ``(B, n_views, n_det)``.
+
+        Returns:
+            Image, shape ``(N, N)`` or ``(B, N, N)`` (units mm x sinogram units).
+        """
+        batch, batched = as_sinogram_batch(sinogram, self._geometry, self._np_dtype)
+        with _torch_threads(self._num_threads), torch.inference_mode():
+            result = self._adjoint(torch.from_numpy(batch).to(self._device))
+        return self._to_numpy(result, batched)
+
+    def fbp(self, sinogram: npt.ArrayLike, filter_name: FilterName = "ram-lak") -> FloatArray:
+        """Filtered backprojection (see :meth:`Projector.fbp`).
+
+        Args:
+            sinogram: Line integrals, shape ``(n_views, n_det)`` or ``(B, n_views, n_det)``.
+            filter_name: One of :data:`FILTER_NAMES`.
+
+        Returns:
+            Attenuation in 1/mm, shape ``(N, N)`` or ``(B, N, N)``.
+        """
+        name = check_filter_name(filter_name)
+        batch, batched = as_sinogram_batch(sinogram, self._geometry, self._np_dtype)
+        with _torch_threads(self._num_threads), torch.inference_mode():
+            sino = torch.from_numpy(batch).to(self._device)
+            filtered = self._filter(sino, name)
+            result = self._backproject_pixel_driven(filtered)
+            result.mul_(fbp_angular_weight(self._geometry))
+        return self._to_numpy(result, batched)
+
+    # ----------------------------------------------------------------- set-up helpers
+
+    def _tensor(self, values: npt.ArrayLike) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(values, dtype=np.float64)).to(self._device, self._dtype)
+
+    def _make_groups(self) -> list[_ViewGroup]:
+        angles = self._geometry.angles_rad
+        cos, sin = np.cos(angles), np.sin(angles)
+        vertical = np.abs(cos) >= np.abs(sin)
+        pixel = self._geometry.pixel_size_mm
+        groups = []
+        for is_vertical in (True, False):
+            idx = np.flatnonzero(vertical == is_vertical)
+            if idx.size == 0:
+                continue
+            major, minor = (cos[idx], sin[idx]) if is_vertical else (sin[idx], cos[idx])
+            groups.append(
+                _ViewGroup(
+                    vertical=is_vertical,
+                    index=torch.as_tensor(idx, dtype=torch.int64, device=self._device),
+                    slope=self._tensor(1.0 / major),
+                    shear=self._tensor(minor / major),
+                    weight=self._tensor(pixel / np.abs(major)),
+                )
+            )
+        return groups
+
+    def _chunk_size(self, elements_per_view: int, batch: int) -> int:
+        """Views per chunk so that grid (2), values (batch) and a temporary fit the budget."""
+        itemsize = 4 if self._dtype == torch.float32 else 8
+        per_view = elements_per_view * (3 + batch) * itemsize
+        return max(1, int(self._budget_bytes // per_view))
+
+    def _to_numpy(self, result: torch.Tensor, batched: bool) -> FloatArray:
+        out: FloatArray = result.detach().to("cpu").numpy().astype(self._np_dtype, copy=False)
+        return out if batched else out[0]
+
+    # ----------------------------------------------------------------- Joseph projector
+    #
+    # Both grid_sample uses below sample a single row of values per batch item (an image row
+    # or column, or one filtered projection), zero-padded by one element at each end and
+    # repeated on two identical rows, with align_corners=True. The grid's y coordinate is then
+    # an alias (stride 0) of its x coordinate: for every |x| < 1 it falls between the two equal
+    # rows, so the result is exact 1D linear interpolation, and for |x| >= 1 only zero padding
+    # is touched. This halves the grid memory and avoids building an interleaved (x, y) grid.
+
+    def _line_sources(self, lines: torch.Tensor) -> torch.Tensor:
+        """``(L, B, W)`` lines -> ``(L, B, 2, W + 2)`` zero-padded, two identical rows."""
+        padded = F.pad(lines, (1, 1)).contiguous()
+        return padded.unsqueeze(2).expand(-1, -1, 2, -1)
+
+    @staticmethod
+    def _aliased_grid(coords: torch.Tensor) -> torch.Tensor:
+        """``(L, P)`` x coordinates -> ``(L, 1, P, 2)`` grid whose y is the same memory as x."""
+        return coords.unsqueeze(1).unsqueeze(-1).expand(-1, -1, -1, 2)
+
+    def _ray_coords(self, group: _ViewGroup, part: slice, out: torch.Tensor) -> torch.Tensor:
+        """Along-line sample positions of the views ``group[part]``, shape ``(N, V * n_det)``.
+
+        Entry ``[r, v * n_det + j]`` is where ray ``j`` of view ``v`` crosses line ``r`` (an
+        image row for vertical groups, a column otherwise), normalised so that -1 and 1 are the
+        padding elements of the line.
+        """
+        slope, shear = group.slope[part], group.shear[part]
+        n_views = slope.numel()
+        coords = out[:, : n_views * self._geometry.n_det].view(-1, n_views, self._geometry.n_det)
+        torch.sub(
+            (slope[:, None] * self._u[None, :])[None],
+            (self._q[:, None] * shear[None, :])[:, :, None],
+            out=coords,
+        )
+        return coords.view(coords.shape[0], -1)
+
+    def _group_chunks(
+        self, group: _ViewGroup, batch: int
+    ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Yield ``(slice into the group, aliased grid (N, 1, V * n_det, 2))`` per chunk."""
+        n, n_det = self._geometry.image_size, self._geometry.n_det
+        size = min(self._chunk_size(n * n_det, batch), group.index.numel())
+        buffer = torch.empty(n, size * n_det, dtype=self._dtype, device=self._device)
+        for start in range(0, group.index.numel(), size):
+            part = slice(start, start + size)
+            yield part, self._aliased_grid(self._ray_coords(group, part, buffer))
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, N, N)`` -> ``(B, n_views, n_det)``."""
+        batch = images.shape[0]
+        n_views, n_det = self._geometry.sinogram_shape
+        sino = torch.zeros(batch, n_views, n_det, dtype=self._dtype, device=self._device)
+        for group in self._groups:
+            # Lines of the group: image rows (vertical views) or columns, as (L, B, W).
+            lines = images.permute(1, 0, 2) if group.vertical else images.permute(2, 0, 1)
+            source = self._line_sources(lines)
+            for part, grid in self._group_chunks(group, batch):
+                samples = F.grid_sample(
+                    source, grid, mode="bilinear", padding_mode="zeros", align_corners=True
+                )  # (L, B, 1, V * n_det)
+                rays = samples.sum(dim=0).view(batch, -1, n_det)
+                rays.mul_(group.weight[part][None, :, None])
+                sino[:, group.index[part]] = rays
+        return sino
+
+    def _adjoint(self, sinograms: torch.Tensor) -> torch.Tensor:
+        """``(B, n_views, n_det)`` -> ``(B, N, N)``, the transpose of :meth:`_forward`."""
+        batch, n = sinograms.shape[0], self._geometry.image_size
+        image = torch.zeros(batch, n, n, dtype=self._dtype, device=self._device)
+        shape_only = torch.zeros(n, batch, 2, n + 2, dtype=self._dtype, device=self._device)
+        for group in self._groups:
+            for part, grid in self._group_chunks(group, batch):
+                rays = sinograms[:, group.index[part]] * group.weight[part][None, :, None]
+                grad = rays.reshape(1, batch, 1, -1).expand(n, -1, -1, -1)
+                grad_source, _ = torch.ops.aten.grid_sampler_2d_backward(
+                    grad, shape_only, grid, _BILINEAR, _ZERO_PADDING, True, [True, False]
+                )  # (L, B, 2, N + 2): transpose of the expand and the padding follows
+                lines = grad_source.sum(dim=2)[:, :, 1:-1]  # (L, B, N)
+                image += lines.permute(1, 0, 2) if group.vertical else lines.permute(1, 2, 0)
+        return image
+
+    # ----------------------------------------------------------------- FBP
+
+    def _filter(self, sinograms: torch.Tensor, filter_name: FilterName) -> torch.Tensor:
+        """Ramp-filter along the detector; result in 1/mm, shape ``(B, n_views, n_det)``."""
+        n_det = self._geometry.n_det
+        size = fbp_padded_length(n_det)
+        response = self._tensor(fbp_filter(n_det, filter_name) / self._geometry.det_spacing_mm)
+        spectrum = torch.fft.rfft(F.pad(sinograms, (0, size - n_det)), dim=-1)
+        spectrum.mul_(response)
+        return torch.fft.irfft(spectrum, n=size, dim=-1)[..., :n_det]
+
+    def _backproject_pixel_driven(self, filtered: torch.Tensor) -> torch.Tensor:
+        """Sum over views of the filtered projections at ``t = x cos + y sin`` (linear interp)."""
+        batch, n_views, n_det = filtered.shape
+        n = self._geometry.image_size
+        angles = self._geometry.angles_rad
+        # Normalised coordinate of t (mm) on a projection padded to n_det + 2 elements.
+        scale = 2.0 / (self._geometry.det_spacing_mm * (n_det + 1))
+        cos, sin = self._tensor(np.cos(angles) * scale), self._tensor(np.sin(angles) * scale)
+        centres = self._tensor(self._geometry.pixel_centres_mm)
+        sources = self._line_sources(filtered.permute(1, 0, 2))  # (n_views, B, 2, n_det + 2)
+        image = torch.zeros(batch, n * n, dtype=self._dtype, device=self._device)
+        size = min(self._chunk_size(n * n, batch), n_views)
+        buffer = torch.empty(size, n, n, dtype=self._dtype, device=self._device)
+        for start in range(0, n_views, size):
+            part = slice(start, start + size)
+            count = cos[part].numel()
+            coords = buffer[:count]
+            torch.add(
+                (cos[part][:, None] * centres[None, :])[:, None, :],
+                (sin[part][:, None] * centres[None, :])[:, :, None],
+                out=coords,
+            )
+            samples = F.grid_sample(
+                sources[part],
+                self._aliased_grid(coords.view(count, n * n)),
+                mode="bilinear",
+                padding_mode="zeros",
+                align_corners=True,
+            )  # (V, B, 1, N * N)
+            image += samples.sum(dim=0).view(batch, n * n)
+        return image.view(batch, n, n)
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def make_projector(
+    geometry: ParallelBeamGeometry,
+    backend: BackendName = "torch",
+    device: str = "cpu",
+    *,
+    num_threads: int | None = None,
+) -> Projector:
+    """Build a projector for ``geometry``.
+
+    Args:
+        geometry: The scan geometry.
+        backend: ``"torch"`` (default, ours, CPU or CUDA) or ``"astra"`` (optional GPLv3 ASTRA
+            toolbox, 2D CPU only; imported only here, on demand).
+        device: ``"cpu"`` or ``"cuda"``; ASTRA accepts only ``"cpu"``.
+        num_threads: Torch threads for the torch backend (``None``: leave torch's setting).
+
+    Returns:
+        A :class:`Projector`.
+
+    Raises:
+        InputRejected: Unknown backend, unavailable device, or ASTRA asked for but missing.
+    """
+    if backend == "torch":
+        return TorchParallelProjector(geometry, device, num_threads=num_threads)
+    if backend == "astra":
+        if _resolve_device(device).type != "cpu":
+            raise InputRejected("the ASTRA backend runs on CPU only here (2D, no CUDA)")
+        from models.physics.astra_backend import AstraParallelProjector
+
+        return AstraParallelProjector(geometry)
+    raise InputRejected(f"unknown projector backend {backend!r}; choose 'torch' or 'astra'")
