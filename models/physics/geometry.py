@@ -105,7 +105,9 @@ class ParallelBeamGeometry:
         if not _is_positive_float(self.pixel_size_mm):
             raise InputRejected(f"pixel_size_mm must be > 0 and finite, got {self.pixel_size_mm!r}")
         if not _is_int(self.n_views) or not 1 <= self.n_views <= MAX_VIEWS:
-            raise InputRejected(f"n_views must be an integer in 1..{MAX_VIEWS}, got {self.n_views!r}")
+            raise InputRejected(
+                f"n_views must be an integer in 1..{MAX_VIEWS}, got {self.n_views!r}"
+            )
         if not _is_positive_float(self.arc_deg) or float(self.arc_deg) > 360.0:
             raise InputRejected(f"arc_deg must be in (0, 360], got {self.arc_deg!r}")
         spacing = self.detector_spacing_mm

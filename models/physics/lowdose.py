@@ -37,6 +37,14 @@ BODY_THRESHOLD_HU = -500.0
 MAX_I0 = 1e12
 """Largest incident photon count per detector bin and view accepted."""
 
+DETECTOR_BINS_PER_PIXEL = 2
+"""Default detector sampling of the simulation: bins of half the pixel size.
+
+Real scanners sample about that finely at the isocentre (flying focal spot). With bins as
+wide as the pixels, the noise-free forward projection + FBP round trip of a 3 mm CT slice
+loses about 8 dB PSNR (34 vs 42 dB in the body, HU window [-1000, 1000], measured here).
+"""
+
 
 def hu_to_mu(hu: npt.ArrayLike, mu_water: float = MU_WATER_PER_MM) -> npt.NDArray[np.float32]:
     """Convert Hounsfield units to linear attenuation.
@@ -119,11 +127,23 @@ def _check_dose(i0: float, electronic_noise_std: float, min_counts: float) -> No
 
 
 def _projector_for(
-    projector: Projector | None, image_size: int, pixel_size_mm: float, n_views: int
+    projector: Projector | None,
+    image_size: int,
+    pixel_size_mm: float,
+    n_views: int,
+    bins_per_pixel: int,
 ) -> Projector:
     """The given projector after checking it matches, else a default torch projector."""
     if projector is None:
-        geometry = ParallelBeamGeometry(image_size, pixel_size_mm, n_views)
+        if isinstance(bins_per_pixel, bool) or not isinstance(bins_per_pixel, int):
+            raise InputRejected(
+                f"detector_bins_per_pixel must be an integer, got {bins_per_pixel!r}"
+            )
+        if not 1 <= bins_per_pixel <= 8:
+            raise InputRejected(f"detector_bins_per_pixel must be in 1..8, got {bins_per_pixel}")
+        geometry = ParallelBeamGeometry(
+            image_size, pixel_size_mm, n_views, detector_spacing_mm=pixel_size_mm / bins_per_pixel
+        )
         return TorchParallelProjector(geometry)
     geo = projector.geometry
     if (geo.image_size, geo.n_views) != (image_size, n_views) or not math.isclose(
@@ -178,18 +198,20 @@ def simulate_low_dose(
     projector: Projector | None = None,
     filter_name: FilterName = "ram-lak",
     min_counts: float = 1.0,
+    detector_bins_per_pixel: int = DETECTOR_BINS_PER_PIXEL,
 ) -> LowDoseSimulation:
     """Simulate a low-dose parallel-beam scan of CT slices and reconstruct it by FBP.
 
-    The square slice is the field of view; the detector covers its diagonal (default
-    geometry), so nothing is truncated. Use the same seed for the same noise: the only
-    randomness is ``numpy.random.default_rng(seed)``.
+    The square slice is the field of view; the default detector covers its diagonal with
+    :data:`DETECTOR_BINS_PER_PIXEL` bins per pixel width, so nothing is truncated. Use the
+    same seed for the same noise: the only randomness is ``numpy.random.default_rng(seed)``.
 
     Args:
         slices_hu: Slices in HU, shape ``(N, N)`` or ``(B, N, N)`` (square; pad first), indexed
             ``[row (+y), col (+x)]``.
         pixel_size_mm: Pixel side (mm).
-        i0: Incident photons per detector bin and view (e.g. 1e4 low dose, 1e6 near noiseless).
+        i0: Incident photons per detector bin and view (e.g. 1e4 low dose, 1e6 near
+            noiseless); the image noise therefore also depends on the bin width.
         n_views: Views over 180 degrees (720 is a typical full-dose count).
         seed: Seed of the noise generator.
         electronic_noise_std: Standard deviation of additive Gaussian electronic noise (counts).
@@ -197,6 +219,8 @@ def simulate_low_dose(
             :class:`~models.physics.projector.TorchParallelProjector` on CPU.
         filter_name: FBP filter for both the noisy and the reference image.
         min_counts: Counts are clamped to at least this before the logarithm.
+        detector_bins_per_pixel: Detector bins per pixel width (1..8) of the default projector;
+            ignored when ``projector`` is given.
 
     Returns:
         A :class:`LowDoseSimulation` with ``noisy_hu`` and ``reference_hu`` shaped like the
@@ -209,7 +233,9 @@ def simulate_low_dose(
     batch, batched = _slices_batch(slices_hu)
     _check_dose(i0, electronic_noise_std, min_counts)
     name = check_filter_name(filter_name)
-    proj = _projector_for(projector, batch.shape[-1], pixel_size_mm, n_views)
+    proj = _projector_for(
+        projector, batch.shape[-1], pixel_size_mm, n_views, detector_bins_per_pixel
+    )
     clean = proj.forward(hu_to_mu(batch))
     noisy = noisy_line_integrals(
         clean, float(i0), np.random.default_rng(seed), electronic_noise_std, min_counts

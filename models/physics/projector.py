@@ -112,9 +112,13 @@ def _as_batch(
     elif arr.ndim == 3:
         batched = True
     else:
-        raise InputRejected(f"{name} must have shape {trailing} or (B, *{trailing}), got {arr.shape}")
+        raise InputRejected(
+            f"{name} must have shape {trailing} or (B, *{trailing}), got {arr.shape}"
+        )
     if arr.shape[1:] != trailing or arr.shape[0] < 1:
-        raise InputRejected(f"{name} must have shape {trailing} or (B, *{trailing}), got {arr.shape}")
+        raise InputRejected(
+            f"{name} must have shape {trailing} or (B, *{trailing}), got {arr.shape}"
+        )
     out = np.ascontiguousarray(arr, dtype=dtype)
     if not np.all(np.isfinite(out)):
         raise InputRejected(f"{name} contains NaN or infinity")
@@ -176,23 +180,30 @@ def fbp_padded_length(n_det: int) -> int:
     return max(64, 1 << math.ceil(math.log2(2 * n_det)))
 
 
-def fbp_filter(n_det: int, filter_name: FilterName) -> npt.NDArray[np.float64]:
+def fbp_filter(n_det: int, filter_name: FilterName, cutoff: float = 0.5) -> npt.NDArray[np.float64]:
     """Frequency response of the FBP filter, for a real FFT of length :func:`fbp_padded_length`.
 
     The ramp is the Fourier transform of the band-limited spatial ramp kernel of Ramachandran
     and Lakshminarayanan (``h[0] = 1/4``, ``h[n] = -1 / (pi n)^2`` for odd ``n``, else 0), which
-    keeps the DC response right, times a window of the normalised frequency ``f`` in cycles per
-    bin (``|f| <= 1/2``): Shepp-Logan ``sinc(f)``, cosine ``cos(pi f)``, Hann
-    ``(1 + cos(2 pi f)) / 2``.
+    keeps the DC response right. It is multiplied by a window of ``g = f / cutoff``, with ``f``
+    the frequency in cycles per bin: ram-lak ``1``, Shepp-Logan ``sinc(g / 2)``, cosine
+    ``cos(pi g / 2)``, Hann ``(1 + cos(pi g)) / 2``, and set to 0 above ``cutoff``. With the
+    default cutoff (the detector's Nyquist frequency, 1/2) these are the textbook filters.
 
     Args:
         n_det: Number of detector bins.
         filter_name: One of :data:`FILTER_NAMES`.
+        cutoff: Highest frequency passed (cycles per bin), in (0, 0.5].
 
     Returns:
         Real response, shape ``(P // 2 + 1,)`` with ``P = fbp_padded_length(n_det)``; it acts
         on data sampled at unit spacing (divide by the bin spacing in mm for 1/mm).
+
+    Raises:
+        InputRejected: ``cutoff`` outside (0, 0.5].
     """
+    if not 0.0 < cutoff <= 0.5:
+        raise InputRejected(f"filter cutoff must be in (0, 0.5] cycles per bin, got {cutoff!r}")
     size = fbp_padded_length(n_det)
     k = np.arange(size)
     n = np.where(k <= size // 2, k, k - size).astype(np.float64)
@@ -201,17 +212,33 @@ def fbp_filter(n_det: int, filter_name: FilterName) -> npt.NDArray[np.float64]:
     odd = (np.abs(n) % 2) == 1
     kernel[odd] = -1.0 / (np.pi * n[odd]) ** 2
     ramp = np.fft.rfft(kernel).real
-    freq = np.fft.rfftfreq(size)
+    g = np.fft.rfftfreq(size) / cutoff
     window: npt.NDArray[np.float64]
     if filter_name == "ram-lak":
-        window = np.ones_like(freq)
+        window = np.ones_like(g)
     elif filter_name == "shepp-logan":
-        window = np.sinc(freq)
+        window = np.sinc(g / 2.0)
     elif filter_name == "cosine":
-        window = np.cos(np.pi * freq)
+        window = np.cos(np.pi * g / 2.0)
     else:
-        window = 0.5 * (1.0 + np.cos(2.0 * np.pi * freq))
+        window = 0.5 * (1.0 + np.cos(np.pi * g))
+    window = np.where(g <= 1.0 + 1e-12, window, 0.0)
     return np.asarray(ramp * window, dtype=np.float64)
+
+
+def fbp_cutoff(geometry: ParallelBeamGeometry) -> float:
+    """FBP filter cutoff (cycles per bin): the lower of the detector and image Nyquist limits.
+
+    With bins finer than pixels the ramp would otherwise amplify noise at frequencies the
+    image grid cannot hold, which then aliases back as extra, whiter noise.
+
+    Args:
+        geometry: The scan geometry.
+
+    Returns:
+        ``0.5 * min(1, det_spacing_mm / pixel_size_mm)``.
+    """
+    return 0.5 * min(1.0, geometry.det_spacing_mm / geometry.pixel_size_mm)
 
 
 def fbp_angular_weight(geometry: ParallelBeamGeometry) -> float:
@@ -291,9 +318,10 @@ class TorchParallelProjector:
     Adjoint: the native backward kernel of the same ``grid_sample`` call, i.e. the transpose of
     exactly the same interpolation weights, so ``<A x, y> = <x, A^T y>`` to rounding.
 
-    FBP: ramp filtering by FFT (zero-padded to :func:`fbp_padded_length`) followed by a
-    pixel-driven backprojection with linear interpolation in the detector (the usual FBP
-    backprojector, not the adjoint above), weighted by :func:`fbp_angular_weight`.
+    FBP: ramp filtering by FFT (zero-padded to :func:`fbp_padded_length`, cut off at
+    :func:`fbp_cutoff`) followed by a pixel-driven backprojection with linear interpolation in
+    the detector (the usual FBP backprojector, not the adjoint above), weighted by
+    :func:`fbp_angular_weight`.
 
     Views are processed in chunks sized to ``memory_budget_mb`` so 512^2 x 720 views stays
     far below 2 GB. Thread count: pass ``num_threads`` to use that many torch threads during
@@ -324,7 +352,9 @@ class TorchParallelProjector:
             raise InputRejected(f"geometry must be a ParallelBeamGeometry, got {type(geometry)}")
         if dtype not in ("float32", "float64"):
             raise InputRejected(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-        if num_threads is not None and (isinstance(num_threads, bool) or num_threads < 1):
+        if num_threads is not None and (
+            isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
+        ):
             raise InputRejected(f"num_threads must be a positive integer, got {num_threads!r}")
         if not memory_budget_mb > 0:
             raise InputRejected(f"memory_budget_mb must be > 0, got {memory_budget_mb!r}")
@@ -473,9 +503,7 @@ class TorchParallelProjector:
         )
         return coords.view(coords.shape[0], -1)
 
-    def _group_chunks(
-        self, group: _ViewGroup, batch: int
-    ) -> Iterator[tuple[slice, torch.Tensor]]:
+    def _group_chunks(self, group: _ViewGroup, batch: int) -> Iterator[tuple[slice, torch.Tensor]]:
         """Yield ``(slice into the group, aliased grid (N, 1, V * n_det, 2))`` per chunk."""
         n, n_det = self._geometry.image_size, self._geometry.n_det
         size = min(self._chunk_size(n * n_det, batch), group.index.numel())
@@ -524,7 +552,8 @@ class TorchParallelProjector:
         """Ramp-filter along the detector; result in 1/mm, shape ``(B, n_views, n_det)``."""
         n_det = self._geometry.n_det
         size = fbp_padded_length(n_det)
-        response = self._tensor(fbp_filter(n_det, filter_name) / self._geometry.det_spacing_mm)
+        values = fbp_filter(n_det, filter_name, fbp_cutoff(self._geometry))
+        response = self._tensor(values / self._geometry.det_spacing_mm)
         spectrum = torch.fft.rfft(F.pad(sinograms, (0, size - n_det)), dim=-1)
         spectrum.mul_(response)
         return torch.fft.irfft(spectrum, n=size, dim=-1)[..., :n_det]

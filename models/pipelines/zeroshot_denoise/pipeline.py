@@ -1,22 +1,43 @@
-"""``zeroshot-denoise``: fit a tiny CNN on the scan itself, then denoise every slice.
+"""``zeroshot-denoise``: fit small CNNs on the scan itself, then denoise every slice.
 
 Compared with plain ZS-N2N (one network per 2D image, 2,000 full-image steps), this version
-fits one network per *volume* on random crops of random slices, gives it ``context_slices``
-neighbouring slices as extra channels, stops when a fixed evaluation loss plateaus (after one
-learning-rate reduction), and runs on CUDA when present.
+fits per *volume* on random crops of random slices, in two stages (see ``splits``): a
+slice-split Noise2Noise stage that is immune to in-plane noise correlation (CT), then the ZS-N2N
+pair-split stage that restores in-slice detail; each stage stops when a fixed evaluation loss
+plateaus, and it runs on CUDA when present.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from models.errors import InputRejected
-from models.pipelines.zeroshot_denoise.fit import FitConfig, denoise, fit
+from models.networks.dilated import DilatedNet
+from models.networks.zsn2n import ZSN2NNet
+from models.pipelines.zeroshot_denoise.fit import (
+    CropSampler,
+    FitConfig,
+    FitReport,
+    apply_per_slice,
+    train,
+)
 from models.pipelines.zeroshot_denoise.params import ZeroShotDenoiseParams
+from models.pipelines.zeroshot_denoise.splits import (
+    context_stack,
+    neighbours,
+    pair_split_loss,
+    pair_split_predict,
+    slice_split_loss,
+    slice_split_predict,
+)
 from models.provenance import code_version
 from models.registry import get_spec
 from models.result import Figure, ProgressCallback, Provenance, Result
@@ -24,8 +45,6 @@ from models.transforms.figures import before_after_grid, representative_slices
 from models.transforms.intensity import Normaliser, display_window
 from models.transforms.noise import estimate_noise_std
 from models.volume import Volume
-
-_FIT_SHARE = 0.9  # fraction of the progress bar given to fitting
 
 
 def select_device(choice: str) -> torch.device:
@@ -37,26 +56,119 @@ def select_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def _signal_mask(array: np.ndarray, units: str) -> np.ndarray:
-    """Voxels that carry signal (body for CT: > -500 HU; MR: above the 20th percentile)."""
+def _signal_mask(array: npt.NDArray[np.float32], units: str) -> npt.NDArray[np.bool_]:
+    """Voxels that carry signal (CT: > -500 HU, the body; MR: above the 20th percentile)."""
     if units == "HU":
         return np.asarray(array > -500.0)
     return np.asarray(array > np.percentile(array, 20.0))
 
 
-def _config(params: ZeroShotDenoiseParams, k: int) -> FitConfig:
+def _fit_config(params: ZeroShotDenoiseParams, seed_offset: int) -> FitConfig:
     return FitConfig(
-        context=params.context_slices if k > 1 else 0,
         max_iterations=params.max_iterations,
         min_iterations=min(params.min_iterations, params.max_iterations),
         patience=params.plateau_patience,
         tolerance=params.plateau_tolerance,
         learning_rate=params.learning_rate,
-        features=params.features,
         crop_size=params.crop_size,
         batch_size=params.batch_size,
-        seed=params.seed,
+        seed=params.seed + seed_offset,
     )
+
+
+@dataclass
+class _Progress:
+    """Maps stage-local fractions onto the job's progress bar."""
+
+    callback: ProgressCallback
+    spans: dict[str, tuple[float, float]]
+
+    def stage(self, name: str, label: str) -> Callable[[float], None]:
+        lo, hi = self.spans[name]
+        return lambda f: self.callback(lo + (hi - lo) * min(f, 1.0), label)
+
+
+def _spans(split: bool) -> dict[str, tuple[float, float]]:
+    if split:
+        return {"split": (0.0, 0.4), "prior": (0.4, 0.45), "pair": (0.45, 0.9), "out": (0.9, 1.0)}
+    return {"split": (0.0, 0.0), "prior": (0.0, 0.0), "pair": (0.0, 0.9), "out": (0.9, 1.0)}
+
+
+def _stage(
+    net: torch.nn.Module,
+    channels: Callable[[int], npt.NDArray[np.float32]],
+    volume: npt.NDArray[np.float32],
+    loss: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    cfg: FitConfig,
+    device: torch.device,
+    report: Callable[[float], None],
+) -> FitReport:
+    """Fit one stage on seeded random crops of ``channels(k)``."""
+    sampler = CropSampler(
+        channels, volume.shape[0], volume.shape[1:], cfg.crop_size, np.random.default_rng(cfg.seed)
+    )
+    return train(net, sampler, loss, cfg, device, lambda f, _it: report(f))
+
+
+def denoise_volume(
+    volume: npt.NDArray[np.float32],
+    params: ZeroShotDenoiseParams,
+    device: torch.device,
+    progress: ProgressCallback,
+) -> tuple[npt.NDArray[np.float32], dict[str, Any]]:
+    """Denoise a normalised ``(K, H, W)`` volume; return it and per-stage fitting facts."""
+    k = volume.shape[0]
+    c = params.context_slices
+    split = params.slice_split and k >= 3
+    bar = _Progress(progress, _spans(split))
+    facts: dict[str, Any] = {"slice_split_used": split}
+    if split:
+        torch.manual_seed(params.seed)
+        net1 = DilatedNet(2 * c, 1, params.split_features).to(device)
+        rep1 = _stage(
+            net1,
+            partial(context_stack, volume, context=c),
+            volume,
+            slice_split_loss,
+            _fit_config(params, 0),
+            device,
+            bar.stage("split", "fitting slice split"),
+        )
+        prior = apply_per_slice(
+            partial(slice_split_predict, net1),
+            partial(neighbours, volume, context=c),
+            k,
+            device,
+            params.inference_batch,
+            bar.stage("prior", "slice-split estimate"),
+        )
+        facts["slice_split"] = {"iterations": rep1.iterations, "stopped_early": rep1.stopped_early}
+        both = np.stack([volume, prior], axis=1)  # (K, 2, H, W): slice, stage-1 estimate
+        channels: Callable[[int], npt.NDArray[np.float32]] = both.__getitem__
+    else:
+        channels = partial(context_stack, volume, context=c if k > 1 else 0)
+    torch.manual_seed(params.seed + 1)
+    in_ch = channels(0).shape[0]
+    net2 = ZSN2NNet(in_ch, 1, params.features).to(device)
+    rep2 = _stage(
+        net2,
+        channels,
+        volume,
+        pair_split_loss,
+        _fit_config(params, 1),
+        device,
+        bar.stage("pair", "fitting pair split"),
+    )
+    facts["pair_split"] = {"iterations": rep2.iterations, "stopped_early": rep2.stopped_early}
+    out = apply_per_slice(
+        partial(pair_split_predict, net2),
+        channels,
+        k,
+        device,
+        params.inference_batch,
+        bar.stage("out", "denoising"),
+    )
+    return out, facts
 
 
 def run(
@@ -84,14 +196,9 @@ def run(
     started = time.perf_counter()
     original = np.asarray(image.array, dtype=np.float32)
     norm = Normaliser.robust(original)
-    volume = norm.forward(original)
-    cfg = _config(params, k)
     progress(0.0, "fitting")
-    net, report = fit(volume, cfg, device, progress, _FIT_SHARE)
-    fitted = time.perf_counter()
-    out = norm.inverse(
-        denoise(net, volume, cfg.context, device, params.inference_batch, progress, _FIT_SHARE)
-    )
+    out_n, facts = denoise_volume(norm.forward(original), params, device, progress)
+    out = norm.inverse(out_n)
     elapsed = time.perf_counter() - started
     mask = _signal_mask(original, image.units)
     window = display_window(original, image.units)
@@ -104,10 +211,7 @@ def run(
         "noise_estimator": "MAD of finest diagonal Haar detail inside the signal mask",
         "removed_std": float(removed[mask].std()) if mask.any() else 0.0,
         "units": image.units,
-        "iterations": report.iterations,
-        "stopped_early": report.stopped_early,
-        "best_eval_loss": report.best_eval_loss,
-        "fit_seconds": fitted - started,
+        **facts,
         "runtime_seconds": elapsed,
         "seconds_per_slice": elapsed / k,
         "device": str(device),
