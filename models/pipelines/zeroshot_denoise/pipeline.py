@@ -20,7 +20,7 @@ import numpy.typing as npt
 import torch
 
 from models.errors import InputRejected
-from models.networks.dilated import DilatedNet
+from models.networks.dilated import SmoothedResidualNet
 from models.networks.zsn2n import ZSN2NNet
 from models.pipelines.zeroshot_denoise.fit import (
     CropSampler,
@@ -63,7 +63,7 @@ def _signal_mask(array: npt.NDArray[np.float32], units: str) -> npt.NDArray[np.b
     return np.asarray(array > np.percentile(array, 20.0))
 
 
-def _fit_config(params: ZeroShotDenoiseParams, seed_offset: int) -> FitConfig:
+def _fit_config(params: ZeroShotDenoiseParams) -> FitConfig:
     return FitConfig(
         max_iterations=params.max_iterations,
         min_iterations=min(params.min_iterations, params.max_iterations),
@@ -72,7 +72,7 @@ def _fit_config(params: ZeroShotDenoiseParams, seed_offset: int) -> FitConfig:
         learning_rate=params.learning_rate,
         crop_size=params.crop_size,
         batch_size=params.batch_size,
-        seed=params.seed + seed_offset,
+        seed=params.seed,
     )
 
 
@@ -89,9 +89,8 @@ class _Progress:
 
 
 def _spans(split: bool) -> dict[str, tuple[float, float]]:
-    if split:
-        return {"split": (0.0, 0.4), "prior": (0.4, 0.45), "pair": (0.45, 0.9), "out": (0.9, 1.0)}
-    return {"split": (0.0, 0.0), "prior": (0.0, 0.0), "pair": (0.0, 0.9), "out": (0.9, 1.0)}
+    name = "split" if split else "pair"
+    return {name: (0.0, 0.9), "out": (0.9, 1.0)}
 
 
 def _stage(
@@ -116,58 +115,44 @@ def denoise_volume(
     device: torch.device,
     progress: ProgressCallback,
 ) -> tuple[npt.NDArray[np.float32], dict[str, Any]]:
-    """Denoise a normalised ``(K, H, W)`` volume; return it and per-stage fitting facts."""
+    """Denoise a normalised ``(K, H, W)`` volume; return it and the fitting facts.
+
+    With ``slice_split`` and at least 3 slices, each slice is estimated from its neighbours
+    (slice split); otherwise the ZS-N2N pair split is fitted on each slice with its neighbours
+    as extra channels (a single slice gets none).
+    """
     k = volume.shape[0]
-    c = params.context_slices
+    c = params.context_slices if k > 1 else 0
     split = params.slice_split and k >= 3
     bar = _Progress(progress, _spans(split))
-    facts: dict[str, Any] = {"slice_split_used": split}
+    torch.manual_seed(params.seed)
+    cfg = _fit_config(params)
     if split:
-        torch.manual_seed(params.seed)
-        net1 = DilatedNet(2 * c, 1, params.split_features).to(device)
-        rep1 = _stage(
-            net1,
-            partial(context_stack, volume, context=c),
-            volume,
-            slice_split_loss,
-            _fit_config(params, 0),
-            device,
-            bar.stage("split", "fitting slice split"),
-        )
-        prior = apply_per_slice(
-            partial(slice_split_predict, net1),
-            partial(neighbours, volume, context=c),
-            k,
-            device,
-            params.inference_batch,
-            bar.stage("prior", "slice-split estimate"),
-        )
-        facts["slice_split"] = {"iterations": rep1.iterations, "stopped_early": rep1.stopped_early}
-        both = np.stack([volume, prior], axis=1)  # (K, 2, H, W): slice, stage-1 estimate
-        channels: Callable[[int], npt.NDArray[np.float32]] = both.__getitem__
+        net: torch.nn.Module = SmoothedResidualNet(2 * c, params.split_features).to(device)
+        loss, predict = slice_split_loss, partial(slice_split_predict, net)
+        stage, inputs = "slice_split", partial(neighbours, volume, context=c)
     else:
-        channels = partial(context_stack, volume, context=c if k > 1 else 0)
-    torch.manual_seed(params.seed + 1)
-    in_ch = channels(0).shape[0]
-    net2 = ZSN2NNet(in_ch, 1, params.features).to(device)
-    rep2 = _stage(
-        net2,
-        channels,
+        net = ZSN2NNet(2 * c + 1, 1, params.features).to(device)
+        loss, predict = pair_split_loss, partial(pair_split_predict, net)
+        stage, inputs = "pair_split", partial(context_stack, volume, context=c)
+    report = _stage(
+        net,
+        partial(context_stack, volume, context=c),
         volume,
-        pair_split_loss,
-        _fit_config(params, 1),
+        loss,
+        cfg,
         device,
-        bar.stage("pair", "fitting pair split"),
+        bar.stage("split" if split else "pair", f"fitting {stage.replace('_', ' ')}"),
     )
-    facts["pair_split"] = {"iterations": rep2.iterations, "stopped_early": rep2.stopped_early}
     out = apply_per_slice(
-        partial(pair_split_predict, net2),
-        channels,
-        k,
-        device,
-        params.inference_batch,
-        bar.stage("out", "denoising"),
+        predict, inputs, k, device, params.inference_batch, bar.stage("out", "denoising")
     )
+    facts = {
+        "method": stage,
+        "iterations": report.iterations,
+        "stopped_early": report.stopped_early,
+        "best_eval_loss": report.best_eval_loss,
+    }
     return out, facts
 
 

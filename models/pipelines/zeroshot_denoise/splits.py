@@ -48,11 +48,8 @@ def context_stack(volume: npt.NDArray[np.float32], k: int, context: int) -> npt.
 
 
 def slice_split_predict(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Estimate of the centre slice from its neighbours ``x`` ``(B, 2c, H, W)`` -> ``(B, 1, H, W)``.
-
-    The network predicts a correction to the neighbours' mean (an easy starting point).
-    """
-    out: torch.Tensor = x.mean(dim=1, keepdim=True) + net(x)
+    """Estimate of the centre slice from its neighbours: ``(B, 2c, H, W)`` -> ``(B, 1, H, W)``."""
+    out: torch.Tensor = net(x)
     return out
 
 
