@@ -28,8 +28,9 @@ def small_series(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run_output(small_series, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "out"
-    status = main(["run", "zeroshot-denoise", str(small_series), str(out),
-                   "--allow-missing-study-uid", *FAST])
+    status = main(
+        ["run", "zeroshot-denoise", str(small_series), str(out), "--allow-missing-study-uid", *FAST]
+    )
     assert status == 0
     return out
 
@@ -57,27 +58,34 @@ def test_derived_series_keeps_geometry(run_output, small_series):
     assert nifti.shape == (512, 512, 6)
     # the derived DICOM and the NIfTI hold the same HU (within the DICOM rescale quantum)
     from service.io.nifti import read_nifti
-    np.testing.assert_allclose(read_nifti(run_output / "denoised.nii.gz").array, derived.array,
-                               atol=0.05)
+
+    np.testing.assert_allclose(
+        read_nifti(run_output / "denoised.nii.gz").array, derived.array, atol=0.05
+    )
 
 
 def test_missing_study_uid_is_refused_without_opt_in(small_series, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["run", "zeroshot-denoise", str(small_series), str(out), *FAST]) == 2
     err = capsys.readouterr().err
-    assert "StudyInstanceUID is empty" in err and "--allow-missing-study-uid" in err
+    assert "StudyInstanceUID is empty" in err
+    assert "--allow-missing-study-uid" in err
     assert not out.exists()
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["run", "zeroshot-denoize", "IN", "OUT"], "unknown pipeline"),
-     (["run", "zeroshot-denoise", "IN", "OUT", "-p", "iterations=5"], "unknown parameter"),
-     (["run", "zeroshot-denoise", "IN", "OUT", "-p", "features=2"], "features"),
-     (["run", "zeroshot-denoise", "IN", "OUT", "-p", "oops"], "not key=value")],
+    [
+        (["run", "zeroshot-denoize", "IN", "OUT"], "unknown pipeline"),
+        (["run", "zeroshot-denoise", "IN", "OUT", "-p", "iterations=5"], "unknown parameter"),
+        (["run", "zeroshot-denoise", "IN", "OUT", "-p", "features=2"], "features"),
+        (["run", "zeroshot-denoise", "IN", "OUT", "-p", "oops"], "not key=value"),
+    ],
 )
 def test_bad_requests_fail_before_reading(args, message, tmp_path, capsys):
-    args = [a.replace("IN", str(tmp_path / "nothing")).replace("OUT", str(tmp_path / "o")) for a in args]
+    args = [
+        a.replace("IN", str(tmp_path / "nothing")).replace("OUT", str(tmp_path / "o")) for a in args
+    ]
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

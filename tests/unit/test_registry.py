@@ -9,10 +9,13 @@ from models.registry import all_specs, get_spec, load_pipeline, validate_params
 
 def test_every_spec_is_complete():
     specs = all_specs()
-    assert [s.name for s in specs] == sorted({s.name for s in specs}, key=[s.name for s in specs].index)
+    assert [s.name for s in specs] == sorted(
+        {s.name for s in specs}, key=[s.name for s in specs].index
+    )
     for spec in specs:
         assert spec.queue in ("gpu", "cpu")
-        assert spec.inputs and spec.outputs
+        assert spec.inputs
+        assert spec.outputs
         assert "## Weights and training data" in spec.card_text()
         assert spec.weights_sha256() == "none" or len(spec.weights_sha256()) == 64
         validate_params(spec, {})  # defaults are valid
@@ -32,8 +35,12 @@ def test_unknown_parameter_is_refused_with_hint():
 
 @pytest.mark.parametrize(
     ("params", "field"),
-    [({"context_slices": 9}, "context_slices"), ({"device": "tpu"}, "device"),
-     ({"learning_rate": -1}, "learning_rate"), ({"seed": "abc"}, "seed")],
+    [
+        ({"context_slices": 9}, "context_slices"),
+        ({"device": "tpu"}, "device"),
+        ({"learning_rate": -1}, "learning_rate"),
+        ({"seed": "abc"}, "seed"),
+    ],
 )
 def test_bad_values_name_the_field(params, field):
     with pytest.raises(InvalidParameters, match=field):

@@ -10,10 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 class ZeroShotDenoiseParams(BaseModel):
     """Validated parameters of the zero-shot denoiser.
 
-    Stage 1 (``slice_split``, volumes of 3+ slices) fits a dilated CNN that predicts each slice
-    from its ``context_slices`` neighbours on either side; stage 2 fits the ZS-N2N
-    pair-downsampling CNN on each slice plus the stage-1 estimate (or, without stage 1, plus the
-    neighbouring slices). Iteration settings apply to each stage.
+    ``slice_split`` fits a network that predicts each slice from its ``context_slices``
+    neighbours on either side; ``pair_split`` fits the ZS-N2N pair-downsampling CNN on each
+    slice with its neighbours as extra channels.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -21,14 +20,15 @@ class ZeroShotDenoiseParams(BaseModel):
     context_slices: int = Field(
         1, ge=1, le=3, description="neighbouring slices on each side given to the networks"
     )
-    slice_split: bool = Field(
-        True,
-        description="stage 1: learn each slice from its neighbours (assumes noise independent "
-        "between slices; skipped for fewer than 3 slices)",
+    method: Literal["auto", "slice_split", "pair_split"] = Field(
+        "auto",
+        description="slice_split: learn each slice from its neighbours (Noise2Noise across "
+        "slices; needs noise independent between slices and neighbours showing nearly the "
+        "same anatomy); pair_split: ZS-N2N pair downsampling within each slice (needs noise "
+        "independent between neighbouring pixels); auto: slice_split for CT with 3+ slices, "
+        "else pair_split",
     )
-    max_iterations: int = Field(
-        600, ge=10, le=20000, description="upper bound on optimiser steps per stage"
-    )
+    max_iterations: int = Field(600, ge=10, le=20000, description="upper bound on optimiser steps")
     min_iterations: int = Field(
         150, ge=0, le=20000, description="steps before early stopping may trigger"
     )
@@ -43,8 +43,10 @@ class ZeroShotDenoiseParams(BaseModel):
         0.002, ge=0.0, le=0.5, description="relative improvement counted as progress"
     )
     learning_rate: float = Field(1e-3, gt=0.0, le=0.1)
-    features: int = Field(48, ge=8, le=256, description="hidden channels of the stage-2 CNN")
-    split_features: int = Field(32, ge=8, le=256, description="hidden channels of stage 1")
+    features: int = Field(48, ge=8, le=256, description="hidden channels of the pair-split CNN")
+    split_features: int = Field(
+        32, ge=8, le=256, description="hidden channels of the slice-split CNN"
+    )
     crop_size: int = Field(96, ge=32, le=1024, description="training crop side, pixels")
     batch_size: int = Field(4, ge=1, le=128, description="crops per optimiser step")
     inference_batch: int = Field(4, ge=1, le=256, description="slices per inference batch")

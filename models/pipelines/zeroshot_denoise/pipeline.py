@@ -109,21 +109,40 @@ def _stage(
     return train(net, sampler, loss, cfg, device, lambda f, _it: report(f))
 
 
+def choose_method(params: ZeroShotDenoiseParams, n_slices: int, modality: str) -> str:
+    """Resolve ``method="auto"``: slice split for CT with 3+ slices, else pair split.
+
+    The slice split needs noise independent between slices (true for CT slices reconstructed
+    without overlap) and neighbours that show nearly the same anatomy; MR series are often
+    thick 2D slices where neighbours differ too much (measured: it made the shared 3 mm MR
+    worse), so ``auto`` keeps them on the pair split.
+
+    Raises:
+        InputRejected: ``slice_split`` asked for with fewer than 3 slices.
+    """
+    if params.method == "slice_split" and n_slices < 3:
+        raise InputRejected(f"method=slice_split needs at least 3 slices, the input has {n_slices}")
+    if params.method != "auto":
+        return params.method
+    return "slice_split" if modality == "CT" and n_slices >= 3 else "pair_split"
+
+
 def denoise_volume(
     volume: npt.NDArray[np.float32],
     params: ZeroShotDenoiseParams,
+    method: str,
     device: torch.device,
     progress: ProgressCallback,
 ) -> tuple[npt.NDArray[np.float32], dict[str, Any]]:
     """Denoise a normalised ``(K, H, W)`` volume; return it and the fitting facts.
 
-    With ``slice_split`` and at least 3 slices, each slice is estimated from its neighbours
-    (slice split); otherwise the ZS-N2N pair split is fitted on each slice with its neighbours
-    as extra channels (a single slice gets none).
+    ``method="slice_split"`` estimates each slice from its neighbours; ``"pair_split"`` fits the
+    ZS-N2N pair split on each slice with its neighbours as extra channels (a single slice gets
+    none).
     """
     k = volume.shape[0]
     c = params.context_slices if k > 1 else 0
-    split = params.slice_split and k >= 3
+    split = method == "slice_split"
     bar = _Progress(progress, _spans(split))
     torch.manual_seed(params.seed)
     cfg = _fit_config(params)
@@ -182,7 +201,8 @@ def run(
     original = np.asarray(image.array, dtype=np.float32)
     norm = Normaliser.robust(original)
     progress(0.0, "fitting")
-    out_n, facts = denoise_volume(norm.forward(original), params, device, progress)
+    method = choose_method(params, k, image.modality)
+    out_n, facts = denoise_volume(norm.forward(original), params, method, device, progress)
     out = norm.inverse(out_n)
     elapsed = time.perf_counter() - started
     mask = _signal_mask(original, image.units)
