@@ -32,9 +32,7 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """Flip of x and y: maps LPS patient coordinates to RAS and back (it is its own inverse)."""
 
 # Permutation swapping index order (k, j, i) <-> (i, j, k) in homogeneous coordinates.
-_SWAP_KI = np.array(
-    [[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64
-)
+_SWAP_KI = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,9 @@ import numpy as np
 import numpy.typing as npt
 
 from models.errors import InputRejected
+from models.physics.arrays import FloatArray, as_image_batch, as_sinogram_batch
+from models.physics.fbp_filters import FilterName, check_filter_name
 from models.physics.geometry import ParallelBeamGeometry
-from models.physics.projector import (
-    FilterName,
-    FloatArray,
-    as_image_batch,
-    as_sinogram_batch,
-    check_filter_name,
-)
 
 AstraKernel = Literal["linear", "strip", "line"]
 

@@ -20,13 +20,9 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from models.errors import InputRejected
+from models.physics.fbp_filters import FilterName, check_filter_name
 from models.physics.geometry import ParallelBeamGeometry
-from models.physics.projector import (
-    FilterName,
-    Projector,
-    TorchParallelProjector,
-    check_filter_name,
-)
+from models.physics.projector import Projector, TorchParallelProjector
 
 MU_WATER_PER_MM = 0.0192
 """Linear attenuation of water (1/mm) at an effective energy of about 70 keV (0.192 /cm)."""

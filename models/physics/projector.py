@@ -13,15 +13,17 @@ Shapes (numpy in, numpy out):
 The default backend :class:`TorchParallelProjector` is our own (Apache-2.0) and runs on CPU or
 CUDA; :mod:`models.physics.astra_backend` wraps the optional, GPLv3 ASTRA toolbox (2D CPU only)
 as a cross-check. Use :func:`make_projector` to pick one.
+
+Input validation lives in :mod:`models.physics.arrays` and the FBP filter design in
+:mod:`models.physics.fbp_filters`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, get_args, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -29,15 +31,16 @@ import torch
 import torch.nn.functional as F
 
 from models.errors import InputRejected
+from models.physics.arrays import FloatArray, as_image_batch, as_sinogram_batch
+from models.physics.fbp_filters import (
+    FilterName,
+    check_filter_name,
+    fbp_angular_weight,
+    fbp_cutoff,
+    fbp_filter,
+    fbp_padded_length,
+)
 from models.physics.geometry import ParallelBeamGeometry
-
-FloatArray = npt.NDArray[np.floating[Any]]
-"""A numpy float array (float32 unless a projector was built for float64)."""
-
-FilterName = Literal["ram-lak", "shepp-logan", "cosine", "hann"]
-"""FBP filters: the ramp alone, or the ramp times a Shepp-Logan, cosine or Hann window."""
-
-FILTER_NAMES: tuple[str, ...] = get_args(FilterName)
 
 BackendName = Literal["torch", "astra"]
 
@@ -94,168 +97,6 @@ class Projector(Protocol):
             Attenuation in 1/mm, shape ``(N, N)`` or ``(B, N, N)``.
         """
         ...
-
-
-# --------------------------------------------------------------------------- input checks
-
-
-def _as_batch(
-    array: npt.ArrayLike, trailing: tuple[int, int], name: str, dtype: npt.DTypeLike
-) -> tuple[FloatArray, bool]:
-    """Return ``array`` as a C-contiguous ``(B, *trailing)`` array and whether it was batched."""
-    arr = np.asarray(array)
-    if arr.dtype.kind not in "fiu":
-        raise InputRejected(f"{name} must hold real numbers, got dtype {arr.dtype}")
-    if arr.ndim == 2:
-        batched = False
-        arr = arr[None]
-    elif arr.ndim == 3:
-        batched = True
-    else:
-        raise InputRejected(
-            f"{name} must have shape {trailing} or (B, *{trailing}), got {arr.shape}"
-        )
-    if arr.shape[1:] != trailing or arr.shape[0] < 1:
-        raise InputRejected(
-            f"{name} must have shape {trailing} or (B, *{trailing}), got {arr.shape}"
-        )
-    out = np.ascontiguousarray(arr, dtype=dtype)
-    if not np.all(np.isfinite(out)):
-        raise InputRejected(f"{name} contains NaN or infinity")
-    return out, batched
-
-
-def as_image_batch(
-    image: npt.ArrayLike, geometry: ParallelBeamGeometry, dtype: npt.DTypeLike = np.float32
-) -> tuple[FloatArray, bool]:
-    """Validate an image or image batch against a geometry.
-
-    Args:
-        image: Shape ``(N, N)`` or ``(B, N, N)``, finite real values.
-        geometry: The scan geometry (gives N).
-        dtype: Float dtype of the returned array.
-
-    Returns:
-        ``(batch, batched)``: a C-contiguous ``(B, N, N)`` array and whether the input had a
-        batch axis.
-
-    Raises:
-        InputRejected: Wrong shape, non-real dtype or non-finite values.
-    """
-    return _as_batch(image, geometry.image_shape, "image", dtype)
-
-
-def as_sinogram_batch(
-    sinogram: npt.ArrayLike, geometry: ParallelBeamGeometry, dtype: npt.DTypeLike = np.float32
-) -> tuple[FloatArray, bool]:
-    """Validate a sinogram or sinogram batch against a geometry.
-
-    Args:
-        sinogram: Shape ``(n_views, n_det)`` or ``(B, n_views, n_det)``, finite real values.
-        geometry: The scan geometry.
-        dtype: Float dtype of the returned array.
-
-    Returns:
-        ``(batch, batched)``: a C-contiguous ``(B, n_views, n_det)`` array and whether the
-        input had a batch axis.
-
-    Raises:
-        InputRejected: Wrong shape, non-real dtype or non-finite values.
-    """
-    return _as_batch(sinogram, geometry.sinogram_shape, "sinogram", dtype)
-
-
-def check_filter_name(filter_name: str) -> FilterName:
-    """Return ``filter_name`` if it is one of :data:`FILTER_NAMES`, else raise InputRejected."""
-    if filter_name not in FILTER_NAMES:
-        raise InputRejected(f"unknown FBP filter {filter_name!r}; choose one of {FILTER_NAMES}")
-    return filter_name  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------- FBP pieces
-
-
-def fbp_padded_length(n_det: int) -> int:
-    """FFT length used by the FBP filter: the next power of two >= ``2 * n_det`` (>= 64)."""
-    return max(64, 1 << math.ceil(math.log2(2 * n_det)))
-
-
-def fbp_filter(n_det: int, filter_name: FilterName, cutoff: float = 0.5) -> npt.NDArray[np.float64]:
-    """Frequency response of the FBP filter, for a real FFT of length :func:`fbp_padded_length`.
-
-    The ramp is the Fourier transform of the band-limited spatial ramp kernel of Ramachandran
-    and Lakshminarayanan (``h[0] = 1/4``, ``h[n] = -1 / (pi n)^2`` for odd ``n``, else 0), which
-    keeps the DC response right. It is multiplied by a window of ``g = f / cutoff``, with ``f``
-    the frequency in cycles per bin: ram-lak ``1``, Shepp-Logan ``sinc(g / 2)``, cosine
-    ``cos(pi g / 2)``, Hann ``(1 + cos(pi g)) / 2``, and set to 0 above ``cutoff``. With the
-    default cutoff (the detector's Nyquist frequency, 1/2) these are the textbook filters.
-
-    Args:
-        n_det: Number of detector bins.
-        filter_name: One of :data:`FILTER_NAMES`.
-        cutoff: Highest frequency passed (cycles per bin), in (0, 0.5].
-
-    Returns:
-        Real response, shape ``(P // 2 + 1,)`` with ``P = fbp_padded_length(n_det)``; it acts
-        on data sampled at unit spacing (divide by the bin spacing in mm for 1/mm).
-
-    Raises:
-        InputRejected: ``cutoff`` outside (0, 0.5].
-    """
-    if not 0.0 < cutoff <= 0.5:
-        raise InputRejected(f"filter cutoff must be in (0, 0.5] cycles per bin, got {cutoff!r}")
-    size = fbp_padded_length(n_det)
-    k = np.arange(size)
-    n = np.where(k <= size // 2, k, k - size).astype(np.float64)
-    kernel = np.zeros(size)
-    kernel[0] = 0.25
-    odd = (np.abs(n) % 2) == 1
-    kernel[odd] = -1.0 / (np.pi * n[odd]) ** 2
-    ramp = np.fft.rfft(kernel).real
-    g = np.fft.rfftfreq(size) / cutoff
-    window: npt.NDArray[np.float64]
-    if filter_name == "ram-lak":
-        window = np.ones_like(g)
-    elif filter_name == "shepp-logan":
-        window = np.sinc(g / 2.0)
-    elif filter_name == "cosine":
-        window = np.cos(np.pi * g / 2.0)
-    else:
-        window = 0.5 * (1.0 + np.cos(np.pi * g))
-    window = np.where(g <= 1.0 + 1e-12, window, 0.0)
-    return np.asarray(ramp * window, dtype=np.float64)
-
-
-def fbp_cutoff(geometry: ParallelBeamGeometry) -> float:
-    """FBP filter cutoff (cycles per bin): the lower of the detector and image Nyquist limits.
-
-    With bins finer than pixels the ramp would otherwise amplify noise at frequencies the
-    image grid cannot hold, which then aliases back as extra, whiter noise.
-
-    Args:
-        geometry: The scan geometry.
-
-    Returns:
-        ``0.5 * min(1, det_spacing_mm / pixel_size_mm)``.
-    """
-    return 0.5 * min(1.0, geometry.det_spacing_mm / geometry.pixel_size_mm)
-
-
-def fbp_angular_weight(geometry: ParallelBeamGeometry) -> float:
-    """Weight of one view in the backprojection sum of FBP.
-
-    ``d_theta * min(1, pi / arc)``: ``pi / n_views`` for 180 and 360 degree scans (where every
-    ray is measured once or twice), the plain ``d_theta`` for shorter (limited-angle) arcs.
-    Arcs between 180 and 360 degrees get uniform weights, not Parker weights.
-
-    Args:
-        geometry: The scan geometry.
-
-    Returns:
-        The dimensionless weight.
-    """
-    arc = math.radians(geometry.arc_deg)
-    return (arc / geometry.n_views) * min(1.0, math.pi / arc)
 
 
 # --------------------------------------------------------------------------- torch backend

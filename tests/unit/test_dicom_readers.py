@@ -15,11 +15,11 @@ import pytest
 from pydicom.uid import generate_uid
 
 from models.errors import InputRejected
-from service.io import dicom_series
+from service.io import dicom_files
 from service.io.dicom_derived import write_derived_series
+from service.io.dicom_pixels import decode_frames
 from service.io.dicom_series import (
     DicomSeries,
-    decode_frames,
     list_series,
     load_dicom_series,
 )
@@ -363,6 +363,6 @@ def test_zip_uncompressed_size_is_capped(
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(ct3_dir.glob("*.dcm")):
             zf.write(path, path.name)
-    monkeypatch.setattr(dicom_series, "MAX_ZIP_UNCOMPRESSED_BYTES", 1_000_000)
+    monkeypatch.setattr(dicom_files, "MAX_ZIP_UNCOMPRESSED_BYTES", 1_000_000)
     with pytest.raises(InputRejected, match="exceeds the limit"):
         load_dicom_series(archive)

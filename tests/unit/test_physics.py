@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from models.errors import InputRejected
+from models.physics.fbp_filters import FILTER_NAMES
 from models.physics.geometry import ParallelBeamGeometry
 from models.physics.lowdose import (
     MU_WATER_PER_MM,
@@ -21,7 +22,6 @@ from models.physics.lowdose import (
     simulate_low_dose,
 )
 from models.physics.projector import (
-    FILTER_NAMES,
     Projector,
     TorchParallelProjector,
     make_projector,

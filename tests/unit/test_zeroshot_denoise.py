@@ -120,8 +120,9 @@ def test_mr_with_white_noise_uses_pair_split_and_helps(shared_file):
     clean = mr.array.astype(np.float32)
     sigma = 0.05 * float(np.percentile(clean, 99))
     noisy = clean + np.random.default_rng(0).normal(0, sigma, clean.shape).astype(np.float32)
-    result = run({"image": mr.with_array(noisy, units="")}, ZeroShotDenoiseParams(**FAST),
-                 lambda f, s: None)
+    result = run(
+        {"image": mr.with_array(noisy, units="")}, ZeroShotDenoiseParams(**FAST), lambda f, s: None
+    )
     assert result.measurements["method"] == "pair_split"
     out = result.volumes["denoised"].array
     signal = clean > np.percentile(clean, 50)
