@@ -104,7 +104,7 @@ def _check_zip_member_name(name: str, archive_path: Path) -> None:
         )
 
 
-def _has_dicm_preamble(path: Path) -> bool:
+def has_dicm_preamble(path: Path) -> bool:
     """True when bytes 128..131 of the file are ``DICM`` (a DICOM Part 10 file)."""
     try:
         with path.open("rb") as handle:
@@ -123,7 +123,7 @@ def _open_source(source: Path) -> Iterator[_Source]:
         files = sorted(p for p in source.rglob("*") if p.is_file())
         yield _Source(source, None, [_Entry(p, str(p)) for p in files])
         return
-    if not _has_dicm_preamble(source) and zipfile.is_zipfile(source):
+    if not has_dicm_preamble(source) and zipfile.is_zipfile(source):
         try:
             archive = zipfile.ZipFile(source)
         except (zipfile.BadZipFile, OSError) as exc:

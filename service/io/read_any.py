@@ -15,6 +15,7 @@ from typing import Literal
 from models.errors import InputRejected
 from models.volume import Volume
 
+from .dicom_files import has_dicm_preamble
 from .dicom_series import DicomSeries, load_dicom_series
 from .itk_image import read_itk_image
 from .nifti import read_nifti
@@ -44,16 +45,6 @@ class LoadedInput:
     kind: InputKind
 
 
-def _has_dicm_preamble(path: Path) -> bool:
-    """True when bytes 128..131 of the file are ``DICM``."""
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
-
-
 def detect_kind(path: Path) -> InputKind:
     """Classify an input path.
 
@@ -76,7 +67,7 @@ def detect_kind(path: Path) -> InputKind:
         return "nifti"
     if name.endswith(_ITK_SUFFIXES):
         return "itk"
-    if name.endswith((".zip", ".dcm")) or _has_dicm_preamble(path) or zipfile.is_zipfile(path):
+    if name.endswith((".zip", ".dcm")) or has_dicm_preamble(path) or zipfile.is_zipfile(path):
         return "dicom"
     raise InputRejected(f"{path}: unrecognised input format; accepted: {ACCEPTED_FORMATS}")
 
