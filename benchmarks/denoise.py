@@ -47,6 +47,9 @@ from models.transforms.intensity import Normaliser
 from models.volume import Volume
 from service.io.dicom_series import load_dicom_series
 
+if not hasattr(np, "trapz"):  # bm4d 4.2 (under bm3d's coloured-noise path) calls np.trapz,
+    np.trapz = np.trapezoid  # removed in NumPy 2.4; same function under its new name.
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "totalsegmentator_ct" / "dicom"
 WINDOW = (-1000.0, 1000.0)
 DOSES = ((1e4, 0), (5e4, 1))  # (I0, seed)
