@@ -28,6 +28,11 @@ class ZeroShotDenoiseParams(BaseModel):
         "independent between neighbouring pixels); auto: slice_split for CT with 3+ slices, "
         "else pair_split",
     )
+    restore_detail: bool = Field(
+        True,
+        description="slice_split only: add back the in-plane-smoothed residual where it "
+        "exceeds 4-6 robust noise deviations (structure that differs from the neighbours)",
+    )
     max_iterations: int = Field(600, ge=10, le=20000, description="upper bound on optimiser steps")
     min_iterations: int = Field(
         150, ge=0, le=20000, description="steps before early stopping may trigger"

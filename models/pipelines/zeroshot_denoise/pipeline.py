@@ -1,9 +1,9 @@
-"""``zeroshot-denoise``: fit small CNNs on the scan itself, then denoise every slice.
+"""``zeroshot-denoise``: fit a small CNN on the scan itself, then denoise every slice.
 
 Compared with plain ZS-N2N (one network per 2D image, 2,000 full-image steps), this version
-fits per *volume* on random crops of random slices, in two stages (see ``splits``): a
-slice-split Noise2Noise stage that is immune to in-plane noise correlation (CT), then the ZS-N2N
-pair-split stage that restores in-slice detail; each stage stops when a fixed evaluation loss
+fits one network per *volume* on random crops of random slices with one of two splits (see
+``splits``): the slice split (Noise2Noise across slices, immune to in-plane noise correlation,
+followed by ``restore``) or the ZS-N2N pair split; fitting stops when a fixed evaluation loss
 plateaus, and it runs on CUDA when present.
 """
 
@@ -30,6 +30,7 @@ from models.pipelines.zeroshot_denoise.fit import (
     train,
 )
 from models.pipelines.zeroshot_denoise.params import ZeroShotDenoiseParams
+from models.pipelines.zeroshot_denoise.restore import restore_detail
 from models.pipelines.zeroshot_denoise.splits import (
     context_stack,
     neighbours,
@@ -204,6 +205,8 @@ def run(
     method = choose_method(params, k, image.modality)
     out_n, facts = denoise_volume(norm.forward(original), params, method, device, progress)
     out = norm.inverse(out_n)
+    if method == "slice_split" and params.restore_detail:
+        out, facts["restored_fraction"] = restore_detail(original, out)
     elapsed = time.perf_counter() - started
     mask = _signal_mask(original, image.units)
     window = display_window(original, image.units)
