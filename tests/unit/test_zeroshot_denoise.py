@@ -51,6 +51,7 @@ def test_raises_psnr_and_lowers_noise_on_simulated_low_dose(low_dose):
     assert gain > 3.0, f"PSNR gain only {gain:.2f} dB"
     m = result.measurements
     assert m["method"] == "slice_split"
+    assert 0.0 <= m["restored_fraction"] < 0.2
     assert m["noise_std_after"] < 0.5 * m["noise_std_before"]
     assert steps == sorted(steps)
     assert steps[-1] == pytest.approx(1.0)
