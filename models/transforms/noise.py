@@ -8,6 +8,14 @@ import numpy.typing as npt
 _MAD_TO_STD = 1.0 / 0.6744897501960817
 
 
+def robust_std(values: npt.NDArray[np.floating]) -> float:
+    """Standard deviation from the median absolute deviation (exact for Gaussian values)."""
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    if flat.size == 0:
+        return 0.0
+    return float(np.median(np.abs(flat - np.median(flat))) * _MAD_TO_STD)
+
+
 def diagonal_detail(slices: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
     """Finest diagonal Haar detail of each 2x2 block.
 
@@ -46,6 +54,4 @@ def estimate_noise_std(
         values = detail[inside]
     else:
         values = detail.ravel()
-    if values.size == 0:
-        return 0.0
-    return float(np.median(np.abs(values - np.median(values))) * _MAD_TO_STD)
+    return robust_std(values)

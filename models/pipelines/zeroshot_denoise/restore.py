@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy.ndimage import gaussian_filter
 
-_MAD_TO_STD = 1.4826
+from models.transforms.noise import robust_std
 
 
 def restore_detail(
@@ -40,7 +40,7 @@ def restore_detail(
     residual = np.asarray(noisy, dtype=np.float32) - estimate
     smooth = gaussian_filter(residual, (0.0, sigma_px, sigma_px))
     centre = float(np.median(smooth))
-    scale = _MAD_TO_STD * float(np.median(np.abs(smooth - centre)))
+    scale = robust_std(smooth)
     if scale <= 0.0:
         return estimate.astype(np.float32, copy=True), 0.0
     z = np.abs(smooth - centre) / scale
