@@ -121,17 +121,27 @@ def _require(holder: Dataset | None, keyword: str, label: str) -> Any:
     return holder.get(keyword)
 
 
-def _classic_slice(ds: Dataset, index: int, label: str) -> _Slice:
-    """Geometry of a classic single-frame instance."""
-    slope, intercept, rescale_type = _rescale(None, ds, label)
+def _slice(
+    ds: Dataset,
+    index: int,
+    frame: int,
+    label: str,
+    holders: tuple[Dataset | None, Dataset | None, Dataset | None, Dataset | None],
+) -> _Slice:
+    """Geometry of one frame from its (position, orientation, measures, transform) holders."""
+    position, orientation, measures, transform = holders
+    slope, intercept, rescale_type = _rescale(transform, ds, label)
+    ipp = _require(position, "ImagePositionPatient", label)
+    iop = _require(orientation, "ImageOrientationPatient", label)
+    spacing = _require(measures, "PixelSpacing", label)
     return _Slice(
         label=label,
         dataset_index=index,
-        frame=0,
+        frame=frame,
         sop_uid=_str(ds, "SOPInstanceUID"),
-        position=_floats(_require(ds, "ImagePositionPatient", label), 3, label, "IPP"),
-        orientation=_floats(_require(ds, "ImageOrientationPatient", label), 6, label, "IOP"),
-        pixel_spacing=_floats(_require(ds, "PixelSpacing", label), 2, label, "PixelSpacing"),
+        position=_floats(ipp, 3, label, "IPP"),
+        orientation=_floats(iop, 6, label, "IOP"),
+        pixel_spacing=_floats(spacing, 2, label, "PixelSpacing"),
         rows=int(ds.Rows),
         columns=int(ds.Columns),
         slope=slope,
@@ -139,6 +149,11 @@ def _classic_slice(ds: Dataset, index: int, label: str) -> _Slice:
         rescale_type=rescale_type,
         frame_of_reference_uid=_str(ds, "FrameOfReferenceUID"),
     )
+
+
+def _classic_slice(ds: Dataset, index: int, label: str) -> _Slice:
+    """Geometry of a classic single-frame instance (all attributes at the top level)."""
+    return _slice(ds, index, 0, label, (ds, ds, ds, None))
 
 
 def _enhanced_slices(ds: Dataset, index: int, label: str) -> list[_Slice]:
@@ -150,35 +165,22 @@ def _enhanced_slices(ds: Dataset, index: int, label: str) -> list[_Slice]:
             f"{label}: PerFrameFunctionalGroupsSequence has "
             f"{0 if per_frame is None else len(per_frame)} items for {n_frames} frames"
         )
-    slices = []
-    for frame in range(n_frames):
-        frame_label = f"{label} frame {frame + 1}"
-        position = _functional_item(ds, frame, "PlanePositionSequence")
-        orientation = _functional_item(ds, frame, "PlaneOrientationSequence")
-        measures = _functional_item(ds, frame, "PixelMeasuresSequence")
-        transform = _functional_item(ds, frame, "PixelValueTransformationSequence")
-        slope, intercept, rescale_type = _rescale(transform, ds, frame_label)
-        ipp = _require(position, "ImagePositionPatient", frame_label)
-        iop = _require(orientation, "ImageOrientationPatient", frame_label)
-        spacing = _require(measures, "PixelSpacing", frame_label)
-        slices.append(
-            _Slice(
-                label=frame_label,
-                dataset_index=index,
-                frame=frame,
-                sop_uid=_str(ds, "SOPInstanceUID"),
-                position=_floats(ipp, 3, frame_label, "IPP"),
-                orientation=_floats(iop, 6, frame_label, "IOP"),
-                pixel_spacing=_floats(spacing, 2, frame_label, "PixelSpacing"),
-                rows=int(ds.Rows),
-                columns=int(ds.Columns),
-                slope=slope,
-                intercept=intercept,
-                rescale_type=rescale_type,
-                frame_of_reference_uid=_str(ds, "FrameOfReferenceUID"),
-            )
-        )
-    return slices
+    return [
+        _slice(ds, index, frame, f"{label} frame {frame + 1}", _frame_holders(ds, frame))
+        for frame in range(n_frames)
+    ]
+
+
+def _frame_holders(
+    ds: Dataset, frame: int
+) -> tuple[Dataset | None, Dataset | None, Dataset | None, Dataset | None]:
+    """Functional-group items holding a frame's position, orientation, measures, rescale."""
+    return (
+        _functional_item(ds, frame, "PlanePositionSequence"),
+        _functional_item(ds, frame, "PlaneOrientationSequence"),
+        _functional_item(ds, frame, "PixelMeasuresSequence"),
+        _functional_item(ds, frame, "PixelValueTransformationSequence"),
+    )
 
 
 def _instance_slices(ds: Dataset, index: int, label: str) -> list[_Slice]:

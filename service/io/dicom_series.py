@@ -4,12 +4,8 @@ Sources: a folder (searched recursively; non-DICOM files are skipped), a single 
 ``.zip`` archive (members are read in memory after a safety check). Classic single-frame series and
 enhanced multi-frame CT/MR (one file, per-frame functional groups) give the same result.
 
-Geometry follows :mod:`models.volume`: ``array[k, j, i]`` = ``[slice, row, column]`` and the affine
-maps ``(k, j, i, 1)`` to LPS millimetres. Slices are sorted by the projection of
-ImagePositionPatient (IPP) on the slice normal ``n = row_dir x col_dir`` taken from
-ImageOrientationPatient (IOP). Affine column 0 is the *actual* step between consecutive IPPs, so a
-gantry-tilted (sheared) series keeps its true geometry; column 1 is ``col_dir * PixelSpacing[0]``
-(between rows) and column 2 is ``row_dir * PixelSpacing[1]`` (between columns).
+Geometry follows :mod:`models.volume` (``array[k, j, i]``, affine to LPS mm); how slices are
+sorted and the affine built is described once, in :mod:`service.io.dicom_geometry`.
 
 Every unusable input raises :class:`~models.errors.InputRejected` with a message that names the
 file and the problem, never a patient identifier.
