@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -25,7 +24,6 @@ from models.networks.zsn2n import ZSN2NNet
 from models.pipelines.zeroshot_denoise.fit import (
     CropSampler,
     FitConfig,
-    FitReport,
     apply_per_slice,
     train,
 )
@@ -77,37 +75,12 @@ def _fit_config(params: ZeroShotDenoiseParams) -> FitConfig:
     )
 
 
-@dataclass
-class _Progress:
-    """Maps stage-local fractions onto the job's progress bar."""
-
-    callback: ProgressCallback
-    spans: dict[str, tuple[float, float]]
-
-    def stage(self, name: str, label: str) -> Callable[[float], None]:
-        lo, hi = self.spans[name]
-        return lambda f: self.callback(lo + (hi - lo) * min(f, 1.0), label)
+_FIT_SHARE = 0.9  # fraction of the progress bar given to fitting; the rest to inference
 
 
-def _spans(split: bool) -> dict[str, tuple[float, float]]:
-    name = "split" if split else "pair"
-    return {name: (0.0, 0.9), "out": (0.9, 1.0)}
-
-
-def _stage(
-    net: torch.nn.Module,
-    channels: Callable[[int], npt.NDArray[np.float32]],
-    volume: npt.NDArray[np.float32],
-    loss: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
-    cfg: FitConfig,
-    device: torch.device,
-    report: Callable[[float], None],
-) -> FitReport:
-    """Fit one stage on seeded random crops of ``channels(k)``."""
-    sampler = CropSampler(
-        channels, volume.shape[0], volume.shape[1:], cfg.crop_size, np.random.default_rng(cfg.seed)
-    )
-    return train(net, sampler, loss, cfg, device, lambda f, _it: report(f))
+def _span(progress: ProgressCallback, lo: float, hi: float, step: str) -> Callable[[float], None]:
+    """Map a stage-local fraction in [0, 1] onto ``lo..hi`` of the job's progress."""
+    return lambda f: progress(lo + (hi - lo) * min(f, 1.0), step)
 
 
 def choose_method(params: ZeroShotDenoiseParams, n_slices: int, modality: str) -> str:
@@ -143,32 +116,35 @@ def denoise_volume(
     """
     k = volume.shape[0]
     c = params.context_slices if k > 1 else 0
-    split = method == "slice_split"
-    bar = _Progress(progress, _spans(split))
     torch.manual_seed(params.seed)
     cfg = _fit_config(params)
-    if split:
+    if method == "slice_split":
         net: torch.nn.Module = SmoothedResidualNet(2 * c, params.split_features).to(device)
         loss, predict = slice_split_loss, partial(slice_split_predict, net)
-        stage, inputs = "slice_split", partial(neighbours, volume, context=c)
+        inputs = partial(neighbours, volume, context=c)
     else:
         net = ZSN2NNet(2 * c + 1, 1, params.features).to(device)
         loss, predict = pair_split_loss, partial(pair_split_predict, net)
-        stage, inputs = "pair_split", partial(context_stack, volume, context=c)
-    report = _stage(
-        net,
+        inputs = partial(context_stack, volume, context=c)
+    sampler = CropSampler(
         partial(context_stack, volume, context=c),
-        volume,
-        loss,
-        cfg,
-        device,
-        bar.stage("split" if split else "pair", f"fitting {stage.replace('_', ' ')}"),
+        k,
+        volume.shape[1:],
+        cfg.crop_size,
+        np.random.default_rng(cfg.seed),
     )
+    fitting = _span(progress, 0.0, _FIT_SHARE, f"fitting {method.replace('_', ' ')}")
+    report = train(net, sampler, loss, cfg, device, lambda f, _it: fitting(f))
     out = apply_per_slice(
-        predict, inputs, k, device, params.inference_batch, bar.stage("out", "denoising")
+        predict,
+        inputs,
+        k,
+        device,
+        params.inference_batch,
+        _span(progress, _FIT_SHARE, 1.0, "denoising"),
     )
     facts = {
-        "method": stage,
+        "method": method,
         "iterations": report.iterations,
         "stopped_early": report.stopped_early,
         "best_eval_loss": report.best_eval_loss,
