@@ -8,7 +8,6 @@ imports the factory module, on a worker or in the CLI.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from models.errors import InvalidParameters, UnknownPipeline
 from models.pipelines.zeroshot_denoise.params import ZeroShotDenoiseParams
+from models.provenance import file_sha256
 from models.result import ProgressCallback, Result
 from models.volume import Volume
 
@@ -82,12 +82,7 @@ class PipelineSpec:
         """Return the sha256 of the weights file, or ``"none"`` for weight-free pipelines."""
         if self.weights is None:
             return "none"
-        path = Path(__file__).resolve().parent / self.weights
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return file_sha256(Path(__file__).resolve().parent / self.weights)
 
 
 _SPECS: tuple[PipelineSpec, ...] = (

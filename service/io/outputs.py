@@ -7,25 +7,17 @@ renamed). ``result.json`` lists every file with its sha256 and the provenance re
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+from models.provenance import file_sha256
 from models.result import Result
 from service.io.atomic import atomic_dir
 from service.io.dicom_derived import write_derived_series
 from service.io.dicom_series import DicomSeries
 from service.io.nifti import write_nifti
 from service.io.png import write_png
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_volumes(result: Result, folder: Path, source: DicomSeries | None) -> None:
@@ -64,7 +56,9 @@ def write_outputs(result: Result, out_dir: Path, source: DicomSeries | None) -> 
         _write_volumes(result, tmp, source)
         for figure in result.figures:
             write_png(figure.rgb, tmp / f"{figure.name}.png")
-        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {
+            str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
         record = {
             "provenance": dataclasses.asdict(result.provenance),
             "measurements": result.measurements,
