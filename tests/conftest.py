@@ -80,3 +80,57 @@ def example_ct_series(example_ct_dir: Path) -> DicomSeries:
 def ct3_series(ct3_dir: Path) -> DicomSeries:
     """The dcmqi three-slice CT loaded once."""
     return load_dicom_series(ct3_dir)
+
+
+# -- job store fixtures --------------------------------------------------------------------
+POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379"
+
+
+@pytest.fixture
+def sqlite_settings(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Settings of a fresh single-machine store (SQLite, blobs under tmp_path), schema upgraded."""
+    from service.settings import Settings
+    from service.store.db import upgrade_schema
+
+    settings = Settings(data_dir=tmp_path / "vg-data")
+    upgrade_schema(settings.resolved_database_url)
+    return settings
+
+
+@pytest.fixture
+def postgres_url():  # type: ignore[no-untyped-def]
+    """URL of a fresh, empty PostgreSQL database on 127.0.0.1:5432 (dropped afterwards)."""
+    import uuid
+
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    admin = sqlalchemy.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"vg_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sqlalchemy.exc.OperationalError as exc:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 not reachable: {exc.orig}")
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    from service.store.db import engine_for
+
+    engine_for(url).dispose()
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_settings(request, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Settings of a fresh store, once on SQLite and once on PostgreSQL; schema upgraded."""
+    from service.settings import Settings
+    from service.store.db import upgrade_schema
+
+    if request.param == "sqlite":
+        settings = Settings(data_dir=tmp_path / "vg-data")
+    else:
+        url = request.getfixturevalue("postgres_url")
+        settings = Settings(data_dir=tmp_path / "vg-data", database_url=url)
+    upgrade_schema(settings.resolved_database_url)
+    return settings
