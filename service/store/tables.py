@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -64,7 +65,11 @@ class ApiKey(Base):
 
 
 class Study(Base):
-    """A DICOM study (or a NIfTI upload wrapped as one)."""
+    """A DICOM study (or a NIfTI upload wrapped as one).
+
+    ``uid_derived``: the StudyInstanceUID was empty in the files and was derived from stable
+    header fields (:func:`service.ingest.scan.derive_uid`); the stored files keep the empty UID.
+    """
 
     __tablename__ = "studies"
     __table_args__ = (UniqueConstraint("tenant_id", "study_instance_uid"),)
@@ -74,12 +79,17 @@ class Study(Base):
     patient_key: Mapped[str] = mapped_column(String(64), default="")
     study_date: Mapped[str] = mapped_column(String(8), default="")
     source: Mapped[str] = mapped_column(String(16), default="upload")
+    uid_derived: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[float] = mapped_column(Float, default=now)
     deleted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Series(Base):
-    """A series of a study: DICOM instances, or one NIfTI volume."""
+    """A series of a study: DICOM instances, or one NIfTI volume.
+
+    ``geometry``: header-only summary (:mod:`service.ingest.geometry`). ``uid_derived``: some UID
+    of the series (study, series or instance) was empty and derived; NIfTI series always.
+    """
 
     __tablename__ = "series"
     __table_args__ = (UniqueConstraint("study_id", "series_instance_uid"),)
@@ -90,6 +100,7 @@ class Series(Base):
     modality: Mapped[str] = mapped_column(String(16), default="")
     description: Mapped[str] = mapped_column(String(64), default="")
     geometry: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    uid_derived: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[float] = mapped_column(Float, default=now)
 
 
