@@ -4,7 +4,7 @@ Layout under ``root``::
 
     staging/<token>/                          uploads being received and validated
     studies/<study id>/<series id>/<file>     stored instances, UID-addressed
-    jobs/<job id>/outputs/                    a job's outputs, written atomically
+    jobs/<job id>/attempts/<run token>/      one attempt's outputs (the job row names the winner)
     scratch/                                  short-lived files (zips being served)
 
 Every file and folder becomes visible by an atomic rename from a sibling temporary name, so a
@@ -21,6 +21,8 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from service.settings import Settings
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -119,3 +121,19 @@ class BlobStore:
     def delete_job(self, job_id: str) -> None:
         """Remove a job's outputs."""
         shutil.rmtree(self.root / "jobs" / _check_id(job_id), ignore_errors=True)
+
+    def attempt_dir(self, job_id: str, run_token: str) -> Path:
+        """Folder of one attempt's outputs; it becomes the job's outputs only if the attempt wins."""
+        return self.root / "jobs" / _check_id(job_id) / "attempts" / _check_id(run_token)
+
+    def key_of(self, path: Path) -> str:
+        """Storage key (relative path) of a file inside the store."""
+        resolved = Path(path).resolve()
+        if self.root not in resolved.parents:
+            raise ValueError("path outside the store")
+        return resolved.relative_to(self.root).as_posix()
+
+
+def blob_store(settings: Settings) -> BlobStore:
+    """The blob store of ``settings``: ``<data_dir>/blobs``."""
+    return BlobStore(settings.data_dir / "blobs")

@@ -1,0 +1,125 @@
+"""The queue: the only Celery import on the gateway side, and the one Celery configuration.
+
+A message is a *doorbell* carrying one job id: ``voxelgate.run_job(job_id)``. The job row in the
+database is the source of truth; a worker that receives a message claims the most urgent queued
+job of that queue from the database (see :mod:`service.jobs.lifecycle`), which makes priority
+independent of the broker (Redis or the embedded SQLAlchemy transport) and makes duplicate or
+late messages harmless: every claim is a conditional update that only one attempt can win.
+
+Lost messages are detected by the *broker epoch*: a random token stored in Redis under
+``voxelgate:broker-epoch``. A Redis restarted without persistence loses the token together with
+its queues, so the next caller sets a new one, and the reaper re-sends the doorbell of every job
+still queued under an older epoch. The embedded SQLite broker persists its messages and has a
+constant epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any
+
+from celery import Celery
+
+from models.registry import PipelineSpec, all_specs
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RUN_JOB_TASK = "voxelgate.run_job"
+QUEUES = ("gpu", "cpu")
+_EPOCH_KEY = "voxelgate:broker-epoch"
+_SQLA_EPOCH = "sqla"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings shared by the gateway (producer) and the workers (consumer).
+
+    JSON only; late acknowledgement with re-queue when the worker process is lost; one message
+    prefetched per process; results are not stored (the job row holds the outcome).
+    """
+    longest = max(spec.time_limit_s for spec in all_specs()) + settings.time_limit_grace_s
+    visibility = max(3600, 2 * longest)
+    return {
+        "broker_url": settings.resolved_broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": visibility},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": "cpu",
+        "task_create_missing_queues": True,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+        "enable_utc": True,
+    }
+
+
+_PRODUCERS: dict[str, Celery] = {}
+
+
+def producer(settings: Settings) -> Celery:
+    """Return the process-wide Celery app used to send messages to ``settings``' broker."""
+    url = settings.resolved_broker_url
+    if url not in _PRODUCERS:
+        app = Celery("voxelgate-gateway")
+        app.conf.update(celery_config(settings))
+        _PRODUCERS[url] = app
+    return _PRODUCERS[url]
+
+
+def time_limits(spec: PipelineSpec, settings: Settings) -> tuple[int, int]:
+    """Soft and hard time limits (s) of one job of ``spec``."""
+    return spec.time_limit_s, spec.time_limit_s + settings.time_limit_grace_s
+
+
+def send_doorbell(settings: Settings, job_id: str, spec: PipelineSpec, priority: int) -> None:
+    """Publish one ``run_job`` message for ``job_id`` on the pipeline's queue.
+
+    Call only after the job row is committed.
+    """
+    soft, hard = time_limits(spec, settings)
+    producer(settings).send_task(
+        RUN_JOB_TASK,
+        args=[job_id],
+        queue=spec.queue,
+        priority=priority,
+        soft_time_limit=soft,
+        time_limit=hard,
+    )
+
+
+def broker_epoch(settings: Settings) -> str:
+    """Return the broker's current epoch token (see the module docstring)."""
+    if not settings.broker_is_redis:
+        return _SQLA_EPOCH
+    import redis
+
+    client = redis.Redis.from_url(settings.resolved_broker_url, socket_timeout=5)
+    try:
+        candidate = secrets.token_hex(8)
+        client.set(_EPOCH_KEY, candidate, nx=True)
+        value = client.get(_EPOCH_KEY)
+    finally:
+        client.close()
+    return value.decode() if isinstance(value, bytes) else candidate
+
+
+def queue_lengths(settings: Settings) -> dict[str, int]:
+    """Messages waiting in each broker queue (Redis only; empty dict otherwise)."""
+    if not settings.broker_is_redis:
+        return {}
+    import redis
+
+    client = redis.Redis.from_url(settings.resolved_broker_url, socket_timeout=5)
+    try:
+        return {name: int(client.llen(name)) for name in QUEUES}
+    finally:
+        client.close()

@@ -1,0 +1,169 @@
+"""Job submission: validate against the registry, persist, then enqueue after the commit."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from models.errors import InputRejected, InvalidParameters
+from models.registry import PipelineSpec, get_spec, validate_params
+from service.jobs.reaper import publish
+from service.settings import Settings
+from service.store.db import session_scope
+from service.store.studies import get_series, get_study
+from service.store.tables import Cohort, Job, Series
+
+PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 0, 9, 5
+
+
+def check_priority(priority: int) -> int:
+    """Return ``priority`` if it is in 0..9 (9 most urgent), else raise InvalidParameters."""
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise InvalidParameters(
+            f"priority must be {PRIORITY_MIN}..{PRIORITY_MAX} (9 most urgent), got {priority}"
+        )
+    return priority
+
+
+def check_input(spec: PipelineSpec, series: Series) -> None:
+    """Refuse a series the pipeline cannot take (modality), before anything is queued."""
+    accepted = spec.inputs[0].modalities
+    if series.modality not in accepted:
+        raise InputRejected(
+            f"{spec.name} accepts modalities {', '.join(accepted)}; series {series.id} is "
+            f"{series.modality or 'of unknown modality'}"
+        )
+
+
+def series_of_study(session: Session, tenant_id: str, study_id: str, spec: PipelineSpec) -> Series:
+    """The one series of a study that ``spec`` accepts (refuse when none or several fit)."""
+    study = get_study(session, tenant_id, study_id)
+    accepted = spec.inputs[0].modalities
+    fits = [
+        s
+        for s in session.query(Series).filter(Series.study_id == study.id).order_by(Series.id)
+        if s.modality in accepted
+    ]
+    if len(fits) != 1:
+        listing = ", ".join(f"{s.id} ({s.modality})" for s in fits) or "none"
+        raise InputRejected(
+            f"study {study_id} has {len(fits)} series that {spec.name} accepts "
+            f"({', '.join(accepted)}): {listing}; submit one series id instead"
+        )
+    return fits[0]
+
+
+def add_job(
+    session: Session,
+    tenant_id: str,
+    series: Series,
+    spec: PipelineSpec,
+    params: dict[str, Any],
+    priority: int,
+    cohort_id: str | None = None,
+    retry_of: str | None = None,
+) -> Job:
+    """Insert one queued job row (not yet published)."""
+    check_input(spec, series)
+    job = Job(
+        tenant_id=tenant_id,
+        cohort_id=cohort_id,
+        series_id=series.id,
+        retry_of=retry_of,
+        pipeline=spec.name,
+        pipeline_version=spec.version,
+        params=params,
+        priority=priority,
+        queue=spec.queue,
+        state="queued",
+        messages=[],
+        outputs={},
+        measurements={},
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def validated_params(spec: PipelineSpec, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate ``raw`` and return the complete parameter set (defaults filled) as JSON."""
+    return validate_params(spec, raw).model_dump(mode="json")
+
+
+def _create_jobs(
+    session: Session,
+    tenant_id: str,
+    spec: PipelineSpec,
+    params: dict[str, Any],
+    series_ids: Sequence[str],
+    study_ids: Sequence[str],
+    priority: int,
+    cohort_id: str | None,
+) -> list[str]:
+    if not series_ids and not study_ids:
+        raise InvalidParameters("give a series_id or a study_id (or lists of them)")
+    targets = [get_series(session, tenant_id, sid) for sid in series_ids]
+    targets += [series_of_study(session, tenant_id, sid, spec) for sid in study_ids]
+    return [
+        add_job(session, tenant_id, series, spec, params, priority, cohort_id).id
+        for series in targets
+    ]
+
+
+def submit_jobs(
+    settings: Settings,
+    tenant_id: str,
+    pipeline: str,
+    params: Mapping[str, Any],
+    *,
+    series_ids: Sequence[str] = (),
+    study_ids: Sequence[str] = (),
+    priority: int = PRIORITY_DEFAULT,
+) -> list[str]:
+    """Create one job per series (or per study's fitting series) and enqueue them.
+
+    Everything is validated before anything is written: an unknown pipeline, bad parameters,
+    an unknown or deleted series/study or a modality mismatch refuses the whole submission.
+
+    Returns:
+        The new job ids, in the order of the targets.
+    """
+    spec = get_spec(pipeline)
+    full = validated_params(spec, params)
+    check_priority(priority)
+    with session_scope(settings.resolved_database_url) as session:
+        ids = _create_jobs(session, tenant_id, spec, full, series_ids, study_ids, priority, None)
+    publish(settings, ids)
+    return ids
+
+
+def submit_cohort(
+    settings: Settings,
+    tenant_id: str,
+    pipeline: str,
+    params: Mapping[str, Any],
+    *,
+    series_ids: Sequence[str] = (),
+    study_ids: Sequence[str] = (),
+    priority: int = PRIORITY_DEFAULT,
+) -> str:
+    """Create a cohort and its jobs in one transaction (all or nothing), then enqueue them.
+
+    Returns:
+        The cohort id.
+    """
+    spec = get_spec(pipeline)
+    full = validated_params(spec, params)
+    check_priority(priority)
+    with session_scope(settings.resolved_database_url) as session:
+        cohort = Cohort(tenant_id=tenant_id, pipeline=spec.name, params=full)
+        session.add(cohort)
+        session.flush()
+        cohort_id = cohort.id
+        ids = _create_jobs(
+            session, tenant_id, spec, full, series_ids, study_ids, priority, cohort_id
+        )
+    publish(settings, ids)
+    return cohort_id

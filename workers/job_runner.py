@@ -1,0 +1,154 @@
+"""The job state machine on the worker: claim -> load -> compute -> write outputs -> finish.
+
+Exceptions become job states here, once: ``Cancelled`` -> cancelled; a
+:class:`~models.errors.VoxelgateError` -> failed with its code and message; Celery's soft time
+limit -> failed (``time_limit``); anything else -> failed (``internal_error``). An attempt that
+lost its job writes nothing visible: its outputs folder is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from service.store.studies import get_series, series_input_path
+
+from models.errors import Cancelled, VoxelgateError
+from models.registry import get_spec
+from service.jobs import lifecycle
+from service.jobs.lifecycle import Claim
+from service.settings import Settings
+from service.store.blobs import BlobStore, blob_store
+from service.store.db import session_scope
+from workers.job_progress import JobProgress, OwnershipLost
+from workers.runner import LocalJob, run_local
+
+log = logging.getLogger(__name__)
+
+MEDIA_TYPES = {
+    ".nii.gz": "application/gzip",
+    ".json": "application/json",
+    ".png": "image/png",
+    ".zip": "application/zip",
+    ".html": "text/html",
+    ".pdf": "application/pdf",
+    ".dcm": "application/dicom",
+}
+
+
+def _media_type(name: str) -> str:
+    return next((t for s, t in MEDIA_TYPES.items() if name.endswith(s)), "application/octet-stream")
+
+
+def _zip_folder(folder: Path, dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.part")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, path.relative_to(folder).as_posix())
+    tmp.replace(dest)
+
+
+def index_outputs(blobs: BlobStore, out_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Name each downloadable output: top-level files as they are, each DICOM series as a zip.
+
+    Returns:
+        ``{name: {"key", "size", "sha256", "media_type"}}``; sha256 is that of result.json's
+        listing for files, and of the zip itself for DICOM series zips.
+    """
+    from models.provenance import file_sha256
+
+    dicom_root = out_dir / "dicom"
+    if dicom_root.is_dir():
+        for series_dir in sorted(p for p in dicom_root.iterdir() if p.is_dir()):
+            _zip_folder(series_dir, out_dir / f"{series_dir.name}_dicom.zip")
+    files = record.get("files", {})
+    outputs: dict[str, Any] = {}
+    for path in sorted(p for p in out_dir.iterdir() if p.is_file()):
+        outputs[path.name] = {
+            "key": blobs.key_of(path),
+            "size": path.stat().st_size,
+            "sha256": files.get(path.name) or file_sha256(path),
+            "media_type": _media_type(path.name),
+        }
+    return outputs
+
+
+def _execute(settings: Settings, claim: Claim, progress: JobProgress) -> None:
+    blobs = blob_store(settings)
+    with session_scope(settings.resolved_database_url) as session:
+        series = get_series(session, claim.tenant_id, claim.series_id)
+        input_path = series_input_path(session, blobs, series)
+    out_dir = blobs.attempt_dir(claim.job_id, claim.token)
+    job = LocalJob(
+        claim.pipeline,
+        input_path,
+        out_dir,
+        claim.params,
+        series_uid=None,  # the stored series folder holds this series only
+        allow_missing_study_uid=True,  # empty StudyInstanceUIDs were given derived ones at ingest
+    )
+    try:
+        record = run_local(job, progress)
+        progress.check()
+        outputs = index_outputs(blobs, out_dir, record)
+        won = lifecycle.finish(
+            settings,
+            claim,
+            "succeeded",
+            outputs=outputs,
+            measurements=record.get("measurements", {}),
+            message=f"succeeded on attempt {claim.attempt}",
+        )
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    if not won:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        log.warning(
+            "job %s: attempt lost the job before finishing; outputs discarded", claim.job_id
+        )
+
+
+def run_job(settings: Settings, hint_job_id: str) -> str | None:
+    """Claim and run one job for the message ``hint_job_id``.
+
+    Returns:
+        The id of the job that was run, or None when nothing was queued.
+    """
+    claim = lifecycle.claim(settings, hint_job_id)
+    if claim is None:
+        return None
+    log.info("job %s: attempt %d of %s started", claim.job_id, claim.attempt, claim.pipeline)
+    spec = get_spec(claim.pipeline)
+    try:
+        with JobProgress(settings, claim, spec.time_limit_s) as progress:
+            _execute(settings, claim, progress)
+    except OwnershipLost:
+        log.warning("job %s: ownership lost; stopped without outputs", claim.job_id)
+    except Cancelled:
+        lifecycle.finish(settings, claim, "cancelled", message="cancelled while running")
+    except SoftTimeLimitExceeded:
+        lifecycle.finish(
+            settings,
+            claim,
+            "failed",
+            error_code="time_limit",
+            error=f"{claim.pipeline} exceeded its time limit of {spec.time_limit_s} s",
+        )
+    except VoxelgateError as exc:
+        lifecycle.finish(settings, claim, "failed", error_code=exc.code, error=str(exc))
+    except Exception as exc:  # translate once: an unexpected error fails the job, visibly
+        log.exception("job %s failed unexpectedly", claim.job_id)
+        lifecycle.finish(
+            settings,
+            claim,
+            "failed",
+            error_code="internal_error",
+            error=f"{type(exc).__name__}: {exc}",
+        )
+    return claim.job_id
