@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -40,7 +40,7 @@ def now() -> float:
 class Base(DeclarativeBase):
     """Declarative base of every table."""
 
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
 class Tenant(Base):
@@ -140,7 +140,9 @@ class Job(Base):
     __table_args__ = (Index("ix_jobs_state_queue", "state", "queue"),)
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
-    cohort_id: Mapped[str | None] = mapped_column(ForeignKey("cohorts.id"), nullable=True, index=True)
+    cohort_id: Mapped[str | None] = mapped_column(
+        ForeignKey("cohorts.id"), nullable=True, index=True
+    )
     series_id: Mapped[str] = mapped_column(ForeignKey("series.id"), index=True)
     retry_of: Mapped[str | None] = mapped_column(String(32), nullable=True)
     pipeline: Mapped[str] = mapped_column(String(64))

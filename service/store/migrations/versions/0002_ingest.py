@@ -1,4 +1,4 @@
-"""ingest: uid_derived flags on studies and series
+"""Ingest: uid_derived flags on studies and series.
 
 Revision ID: 0002
 Revises: 0001
