@@ -43,7 +43,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.resolved_broker_url,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": visibility},
+        # Redis: an unacknowledged message returns to the queue after this long (longer than
+        # any job, so a slow job is never run twice by redelivery). The SQLAlchemy transport
+        # passes options to create_engine, so it gets none.
+        "broker_transport_options": (
+            {"visibility_timeout": visibility} if settings.broker_is_redis else {}
+        ),
         "task_serializer": "json",
         "accept_content": ["json"],
         "result_serializer": "json",

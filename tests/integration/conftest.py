@@ -31,8 +31,13 @@ FAST_PARAMS: dict[str, Any] = {
     "plateau_patience": 10,
 }
 # Long enough to be killed or cancelled mid-run, still bounded (about 20-60 s on 2 cores).
-SLOW_PARAMS: dict[str, Any] = {**FAST_PARAMS, "max_iterations": 2500, "min_iterations": 2500,
-                               "plateau_patience": 5000, "crop_size": 64}
+SLOW_PARAMS: dict[str, Any] = {
+    **FAST_PARAMS,
+    "max_iterations": 2500,
+    "min_iterations": 2500,
+    "plateau_patience": 5000,
+    "crop_size": 64,
+}
 
 
 def free_port() -> int:
@@ -69,9 +74,21 @@ class RedisServer:
         if exe is None:
             pytest.skip("redis-server is not installed")
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         import redis
 
@@ -143,15 +160,31 @@ class WorkerFactory:
         log_path = self.tmp / f"worker-{name}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "worker", "--queues", queues,
-                 "--concurrency", "1", "--name", name, "--loglevel", "INFO"],
-                cwd=REPO, env=service_env(self.settings), stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "service.cli",
+                    "worker",
+                    "--queues",
+                    queues,
+                    "--concurrency",
+                    "1",
+                    "--name",
+                    name,
+                    "--loglevel",
+                    "INFO",
+                ],
+                cwd=REPO,
+                env=service_env(self.settings),
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         worker = Worker(proc, log_path)
         self.started.append(worker)
-        wait_until(lambda: "ready" in worker.log() or proc.poll() is not None, 60,
-                   "the worker to be ready")
+        wait_until(
+            lambda: "ready" in worker.log() or proc.poll() is not None, 60, "the worker to be ready"
+        )
         if proc.poll() is not None:
             pytest.fail(f"worker exited: {worker.log()}")
         return worker
@@ -219,14 +252,21 @@ class Api:
             return create_api_key(session, create_tenant(session, tenant).id)
 
     def upload_dir(self, folder: Path, key: str | None = None) -> dict[str, Any]:
-        files = [("files", (p.name, p.read_bytes(), "application/dicom"))
-                 for p in sorted(folder.iterdir()) if p.is_file()]
+        files = [
+            ("files", (p.name, p.read_bytes(), "application/dicom"))
+            for p in sorted(folder.iterdir())
+            if p.is_file()
+        ]
         response = self.post("/studies", files=files, key=key)
         assert response.status_code == 201, response.text
         return dict(response.json())
 
-    def wait_job(self, job_id: str, timeout: float = 120, states: tuple[str, ...] = (
-            "succeeded", "failed", "cancelled")) -> dict[str, Any]:
+    def wait_job(
+        self,
+        job_id: str,
+        timeout: float = 120,
+        states: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+    ) -> dict[str, Any]:
         def done() -> dict[str, Any] | None:
             view = self.get(f"/jobs/{job_id}").json()
             return view if view["state"] in states else None
