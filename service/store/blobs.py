@@ -123,7 +123,7 @@ class BlobStore:
         shutil.rmtree(self.root / "jobs" / _check_id(job_id), ignore_errors=True)
 
     def attempt_dir(self, job_id: str, run_token: str) -> Path:
-        """Folder of one attempt's outputs; it becomes the job's outputs only if the attempt wins."""
+        """Folder of one attempt's outputs (the job's outputs only if the attempt wins)."""
         return self.root / "jobs" / _check_id(job_id) / "attempts" / _check_id(run_token)
 
     def key_of(self, path: Path) -> str:

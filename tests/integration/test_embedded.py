@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_serve_runs_a_job_end_to_end(tmp_path: Path, ct3_dir: Path) -> None:
     settings = fast_settings(tmp_path)  # no database_url, no broker_url: the embedded defaults
-    assert not settings.broker_is_redis and settings.resolved_database_url.startswith("sqlite")
+    assert not settings.broker_is_redis
+    assert settings.resolved_database_url.startswith("sqlite")
     env = service_env(settings)
     key = subprocess.run(
         [sys.executable, "-m", "service.cli", "keys", "create", "clinic"],
@@ -80,7 +81,8 @@ def test_serve_runs_a_job_end_to_end(tmp_path: Path, ct3_dir: Path) -> None:
             view = wait_until(finished, 180, "the embedded worker to finish the job", 0.5)
             assert view["state"] == "succeeded", (view, log_path.read_text()[-3000:])
             nifti = client.get(f"/jobs/{job_id}/outputs/denoised.nii.gz", headers=headers)
-            assert nifti.status_code == 200 and nifti.content[:2] == b"\x1f\x8b"
+            assert nifti.status_code == 200
+            assert nifti.content[:2] == b"\x1f\x8b"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

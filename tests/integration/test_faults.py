@@ -1,4 +1,4 @@
-"""Fault tests on real parts: kill -9 of a worker mid-job, Redis restarted mid-run, cancel, retry."""
+"""Fault tests on real parts: kill -9 of a worker mid-job, Redis restart, cancel and retry."""
 
 from __future__ import annotations
 
@@ -73,9 +73,11 @@ def test_cancel_running_then_retry(api: Api, workers: WorkerFactory, ct3_dir: Pa
     job_id = _submit(api, series_id, SLOW_PARAMS)
     wait_until(lambda: _running_with_progress(api, job_id), 120, "the job to run")
     response = api.delete(f"/jobs/{job_id}")
-    assert response.status_code == 202 and response.json()["cancel_requested"]
+    assert response.status_code == 202
+    assert response.json()["cancel_requested"]
     view = api.wait_job(job_id, timeout=60)
-    assert view["state"] == "cancelled" and view["outputs"] == {}
+    assert view["state"] == "cancelled"
+    assert view["outputs"] == {}
     assert api.delete(f"/jobs/{job_id}").status_code == 409
 
     retried = api.post(f"/jobs/{job_id}/retry")
@@ -83,7 +85,9 @@ def test_cancel_running_then_retry(api: Api, workers: WorkerFactory, ct3_dir: Pa
     new = retried.json()
     assert (
         new["retry_of"] == job_id
-        and new["params"]["max_iterations"] == SLOW_PARAMS["max_iterations"]
+    )
+    assert (
+        new["params"]["max_iterations"] == SLOW_PARAMS["max_iterations"]
     )
     api.delete(f"/jobs/{new['id']}")  # cancel the (long) retry: queued -> at once, running -> soon
     assert api.wait_job(new["id"], timeout=60)["state"] == "cancelled"

@@ -43,7 +43,8 @@ def test_upload_denoise_poll_download(api: Api, workers: WorkerFactory, ct3_dir:
     view = api.wait_job(job_id)
     sample()
     assert view["state"] == "succeeded", view
-    assert view["attempts"] == 1 and view["progress_percent"] == 100.0
+    assert view["attempts"] == 1
+    assert view["progress_percent"] == 100.0
     assert view["timings"]["run_s"] > 0
     assert {"denoised.nii.gz", "result.json", "denoised_dicom.zip"} <= set(view["outputs"])
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from service.errors import Conflict
 from service.jobs import lifecycle, reaper
 from service.jobs.control import cancel_job
-from service.errors import Conflict
 from service.store.db import session_scope
 from service.store.tables import Job, Series, Study, Tenant
 
@@ -82,24 +82,30 @@ def test_reaper_requeues_a_lost_worker_once_then_fails(store_settings: Any) -> N
         assert first is not None
         time.sleep(0.4)
         report = reaper.reap(settings)
-        assert report.requeued == [job_id] and sent == [job_id]
+        assert report.requeued == [job_id]
+        assert sent == [job_id]
         assert not lifecycle.heartbeat(settings, first).owned  # the lost attempt learns it
         second = lifecycle.claim(settings, job_id)
-        assert second is not None and second.attempt == 2
+        assert second is not None
+        assert second.attempt == 2
         time.sleep(0.4)
         report = reaper.reap(settings)
-        assert report.failed == [job_id] and report.requeued == []
+        assert report.failed == [job_id]
+        assert report.requeued == []
     finally:
         reaper.publish = original  # type: ignore[assignment]
     job = _job(settings, job_id)
-    assert job.state == "failed" and job.error_code == "worker_lost" and job.attempts == 2
+    assert job.state == "failed"
+    assert job.error_code == "worker_lost"
+    assert job.attempts == 2
     assert not lifecycle.finish(settings, second, "succeeded")
 
 
 def test_cancel_queued_at_once_running_cooperatively(store_settings: Any) -> None:
     queued, running = _seed(store_settings, [5, 9])
     claim = lifecycle.claim(store_settings, queued)
-    assert claim is not None and claim.job_id == running
+    assert claim is not None
+    assert claim.job_id == running
     with session_scope(store_settings.resolved_database_url) as s:
         tenant_id = s.get(Job, queued).tenant_id  # type: ignore[union-attr]
         assert cancel_job(s, tenant_id, queued).state == "cancelled"
@@ -123,4 +129,5 @@ def test_reaper_republishes_jobs_of_an_older_broker_epoch(store_settings: Any) -
         report = reaper.reap(store_settings)
     finally:
         reaper.publish = original  # type: ignore[assignment]
-    assert report.republished == [ids[0]] and sent == [ids[0]]
+    assert report.republished == [ids[0]]
+    assert sent == [ids[0]]
