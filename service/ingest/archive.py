@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -219,7 +220,13 @@ def extract_zip(
                 files.append(target)
             budget.members_left -= len(members)
             return files
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        zlib.error,
+        EOFError,
+        NotImplementedError,
+    ) as exc:
         raise InputRejected(f"{label}: truncated or corrupt zip archive ({exc})") from exc
     except FileExistsError as exc:
         raise InputRejected(f"{label}: zip member names collide ({exc.filename})") from exc

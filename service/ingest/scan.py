@@ -297,11 +297,13 @@ def _nifti_header(path: Path) -> tuple[Any, bool] | None:
     """
     with path.open("rb") as handle:
         gz = handle.read(2) == b"\x1f\x8b"
+    head = b""
     try:
         with gzip.open(path, "rb") if gz else path.open("rb") as handle:
-            head = handle.read(NIFTI_HEAD_BYTES)
+            while len(head) < NIFTI_HEAD_BYTES and (chunk := handle.read(64 * 1024)):
+                head += chunk
     except (OSError, EOFError, zlib.error):
-        return None
+        pass  # a truncated file: judge the bytes read so far, refused as truncated later
     for klass, size, magic_at, magics in (
         (nib.Nifti1Header, 348, 344, (b"n+1\x00", b"ni1\x00")),
         (nib.Nifti2Header, 540, 4, (b"n+2\x00", b"ni2\x00")),

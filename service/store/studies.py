@@ -332,7 +332,7 @@ def _series_counts(session: Session, series_ids: list[str]) -> dict[str, tuple[i
         select(Instance.series_id, func.count(Instance.id), func.sum(Instance.size_bytes))
         .where(Instance.series_id.in_(series_ids))
         .group_by(Instance.series_id)
-    ).tuples()
+    )
     return {sid: (int(count), int(size or 0)) for sid, count, size in rows}
 
 
