@@ -89,3 +89,37 @@ def test_priority_is_honoured(api: Api, workers: WorkerFactory, ct3_dir: Path) -
     assert all(v["state"] == "succeeded" for v in views.values()), views
     started = sorted(views, key=lambda j: views[j]["timings"]["started_at"])
     assert started == [high, mid, low]
+
+
+def test_distributed_mode_on_postgresql(
+    tmp_path: Path, redis_server: Any, postgres_url: str, ct3_dir: Path
+) -> None:
+    """The same flow with PostgreSQL as the job store (the distributed deployment)."""
+    from service.store.db import upgrade_schema
+
+    from .conftest import fast_settings, make_api
+
+    settings = fast_settings(tmp_path, broker_url=redis_server.url, database_url=postgres_url)
+    upgrade_schema(settings.resolved_database_url)
+    factory = WorkerFactory(settings, tmp_path)
+    try:
+        factory("pg")
+        for api in make_api(settings):
+            series_id = _series_id(api.upload_dir(ct3_dir))
+            again = api.upload_dir(ct3_dir)  # idempotent re-upload
+            assert again["instances_stored"] == 0
+            assert again["instances_duplicate"] == 3
+            job = api.post(
+                "/jobs",
+                json={
+                    "series_id": series_id,
+                    "pipeline": "zeroshot-denoise",
+                    "params": FAST_PARAMS,
+                },
+            )
+            assert job.status_code == 201, job.text
+            view = api.wait_job(job.json()["id"])
+            assert view["state"] == "succeeded", view
+    finally:
+        for worker in factory.started:
+            worker.stop()
