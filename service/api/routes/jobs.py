@@ -137,6 +137,8 @@ def download(
         known = ", ".join(sorted(job.outputs)) or "none yet"
         raise NotFound(f"job {job.id} has no output {name[:64]!r} (outputs: {known})")
     path = blobs.path_of(meta["key"])
+    if not path.is_file():  # recorded but gone (removed from the store): not found, not a 500
+        raise NotFound(f"job {job.id}: the file of output {name[:64]!r} is no longer stored")
     audit.record(
         session,
         tenant_id=principal.tenant_id,
