@@ -72,10 +72,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Gateway + embedded worker pool on one machine."""
+    from service.jobs.queue import prepare_broker
     from service.store.db import upgrade_schema
 
     settings = _settings(args)
     upgrade_schema(settings.resolved_database_url)
+    prepare_broker(settings)
     worker = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "worker", "--queues", "gpu,cpu", "--name", "embedded"]
     )

@@ -80,6 +80,17 @@ def producer(settings: Settings) -> Celery:
     return _PRODUCERS[url]
 
 
+def prepare_broker(settings: Settings) -> None:
+    """Connect once, so that the embedded broker's tables exist before workers start.
+
+    kombu's SQLAlchemy transport creates its tables on first use; doing that here, before the
+    worker process starts, avoids two processes racing to create them in a fresh SQLite file.
+    """
+    with producer(settings).connection_for_write() as connection:
+        connection.ensure_connection(max_retries=3)
+        connection.default_channel  # noqa: B018 - opening the channel creates the tables
+
+
 def time_limits(spec: PipelineSpec, settings: Settings) -> tuple[int, int]:
     """Soft and hard time limits (s) of one job of ``spec``."""
     return spec.time_limit_s, spec.time_limit_s + settings.time_limit_grace_s

@@ -60,7 +60,7 @@ def test_serve_runs_a_job_end_to_end(tmp_path: Path, ct3_dir: Path) -> None:
                 for p in sorted(ct3_dir.iterdir())
             ]
             upload = client.post("/studies", files=files, headers=headers)
-            assert upload.status_code == 201, upload.text
+            assert upload.status_code == 201, (upload.text, log_path.read_text()[-4000:])
             series_id = upload.json()["studies"][0]["series"][0]["id"]
             job = client.post(
                 "/jobs",
@@ -71,7 +71,7 @@ def test_serve_runs_a_job_end_to_end(tmp_path: Path, ct3_dir: Path) -> None:
                     "params": FAST_PARAMS,
                 },
             )
-            assert job.status_code == 201, job.text
+            assert job.status_code == 201, (job.text, log_path.read_text()[-4000:])
             job_id = job.json()["id"]
 
             def finished() -> dict[str, Any] | None:

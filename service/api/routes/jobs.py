@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse
@@ -21,6 +21,8 @@ from service.store.db import session_scope
 from service.store.tables import Job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 def _view(settings: Settings, tenant_id: str, job_id: str) -> dict[str, Any]:
@@ -59,7 +61,7 @@ def submit(
 
 @router.get("", summary="List jobs")
 def list_jobs(
-    state: str | None = Query(None, description="only jobs in this state"),
+    state: JobState | None = Query(None, description="only jobs in this state"),
     limit: int = Query(100, ge=1, le=1000),
     principal: Principal = Depends(get_principal),
     session: Session = Depends(get_session),
