@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -11,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from service.errors import Unauthorized
 from service.settings import Settings
+from service.store import audit
 from service.store.auth import resolve_api_key
 from service.store.blobs import BlobStore
 from service.store.db import session_scope
@@ -43,6 +45,25 @@ class Principal:
 
     tenant_id: str
     key_id: str
+
+    def audit(
+        self,
+        session: Session,
+        action: str,
+        resource: str,
+        resource_id: str,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Add an audit event by this caller to ``session`` (committed with the change)."""
+        audit.record(
+            session,
+            tenant_id=self.tenant_id,
+            key_id=self.key_id,
+            action=action,
+            resource=resource,
+            resource_id=resource_id,
+            detail=detail,
+        )
 
 
 def get_principal(

@@ -9,7 +9,20 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 _EXAMPLE_SERIES = "3f2c9a8e5b6d4c1a9e7f0b2d4c6a8e1f"
 
 
-class JobRequest(BaseModel):
+class _OneTarget(BaseModel):
+    """Exactly one of ``series_id`` and ``study_id``."""
+
+    series_id: str | None = Field(None, max_length=32, description="input series id")
+    study_id: str | None = Field(None, max_length=32, description="input study id")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> _OneTarget:
+        if (self.series_id is None) == (self.study_id is None):
+            raise ValueError("give exactly one of series_id and study_id")
+        return self
+
+
+class JobRequest(_OneTarget):
     """Submit one job on a series, or on the one series of a study that fits the pipeline."""
 
     model_config = ConfigDict(
@@ -26,31 +39,15 @@ class JobRequest(BaseModel):
         },
     )
 
-    series_id: str | None = Field(None, max_length=32, description="input series id")
-    study_id: str | None = Field(None, max_length=32, description="input study id")
     pipeline: str = Field(..., max_length=64, description="registry name (GET /pipelines)")
     params: dict[str, Any] = Field(default_factory=dict, description="pipeline parameters")
     priority: int = Field(5, ge=0, le=9, description="0..9, 9 most urgent")
 
-    @model_validator(mode="after")
-    def _one_target(self) -> JobRequest:
-        if (self.series_id is None) == (self.study_id is None):
-            raise ValueError("give exactly one of series_id and study_id")
-        return self
 
-
-class CohortItem(BaseModel):
+class CohortItem(_OneTarget):
     """One member of a cohort: a series or a study."""
 
     model_config = ConfigDict(extra="forbid")
-    series_id: str | None = Field(None, max_length=32)
-    study_id: str | None = Field(None, max_length=32)
-
-    @model_validator(mode="after")
-    def _one_target(self) -> CohortItem:
-        if (self.series_id is None) == (self.study_id is None):
-            raise ValueError("give exactly one of series_id and study_id")
-        return self
 
 
 class CohortRequest(BaseModel):

@@ -92,6 +92,15 @@ def validated_params(spec: PipelineSpec, raw: Mapping[str, Any]) -> dict[str, An
     return validate_params(spec, raw).model_dump(mode="json")
 
 
+def _checked(
+    pipeline: str, params: Mapping[str, Any], priority: int
+) -> tuple[PipelineSpec, dict[str, Any]]:
+    spec = get_spec(pipeline)
+    full = validated_params(spec, params)
+    check_priority(priority)
+    return spec, full
+
+
 def _create_jobs(
     session: Session,
     tenant_id: str,
@@ -130,9 +139,7 @@ def submit_jobs(
     Returns:
         The new job ids, in the order of the targets.
     """
-    spec = get_spec(pipeline)
-    full = validated_params(spec, params)
-    check_priority(priority)
+    spec, full = _checked(pipeline, params, priority)
     with session_scope(settings.resolved_database_url) as session:
         ids = _create_jobs(session, tenant_id, spec, full, series_ids, study_ids, priority, None)
     publish(settings, ids)
@@ -154,9 +161,7 @@ def submit_cohort(
     Returns:
         The cohort id.
     """
-    spec = get_spec(pipeline)
-    full = validated_params(spec, params)
-    check_priority(priority)
+    spec, full = _checked(pipeline, params, priority)
     with session_scope(settings.resolved_database_url) as session:
         cohort = Cohort(tenant_id=tenant_id, pipeline=spec.name, params=full)
         session.add(cohort)

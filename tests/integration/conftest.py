@@ -261,6 +261,24 @@ class Api:
         assert response.status_code == 201, response.text
         return dict(response.json())
 
+    def upload_series(self, folder: Path) -> str:
+        """Upload a one-series folder and return the series id."""
+        (study,) = self.upload_dir(folder)["studies"]
+        (series,) = study["series"]
+        return str(series["id"])
+
+    def submit(self, series_id: str, params: dict[str, Any], priority: int = 5) -> str:
+        """Submit a zeroshot-denoise job and return its id."""
+        body = {
+            "series_id": series_id,
+            "pipeline": "zeroshot-denoise",
+            "params": params,
+            "priority": priority,
+        }
+        response = self.post("/jobs", json=body)
+        assert response.status_code == 201, response.text
+        return str(response.json()["id"])
+
     def wait_job(
         self,
         job_id: str,

@@ -12,24 +12,6 @@ from .conftest import FAST_PARAMS, SLOW_PARAMS, Api, RedisServer, WorkerFactory,
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _series_id(api: Api, folder: Path) -> str:
-    return str(api.upload_dir(folder)["studies"][0]["series"][0]["id"])
-
-
-def _submit(api: Api, series_id: str, params: dict[str, Any], priority: int = 5) -> str:
-    response = api.post(
-        "/jobs",
-        json={
-            "series_id": series_id,
-            "pipeline": "zeroshot-denoise",
-            "params": params,
-            "priority": priority,
-        },
-    )
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
-
-
 def _running_with_progress(api: Api, job_id: str) -> bool:
     view = api.get(f"/jobs/{job_id}").json()
     return bool(view["state"] == "running" and view["progress_percent"] > 2)
@@ -38,9 +20,9 @@ def _running_with_progress(api: Api, job_id: str) -> bool:
 def test_worker_killed_mid_job_completes_exactly_once(
     api: Api, workers: WorkerFactory, ct3_dir: Path, redis_settings: Any
 ) -> None:
-    series_id = _series_id(api, ct3_dir)
+    series_id = api.upload_series(ct3_dir)
     first = workers("w1")
-    job_id = _submit(api, series_id, {**SLOW_PARAMS, "max_iterations": 600, "min_iterations": 600})
+    job_id = api.submit(series_id, {**SLOW_PARAMS, "max_iterations": 600, "min_iterations": 600})
     wait_until(lambda: _running_with_progress(api, job_id), 120, "the job to run")
     first.kill_hard()  # kill -9 of the worker's main process and its pool child
     workers("w2")
@@ -56,10 +38,10 @@ def test_worker_killed_mid_job_completes_exactly_once(
 def test_redis_restart_loses_no_job(
     api: Api, workers: WorkerFactory, ct3_dir: Path, redis_server: RedisServer
 ) -> None:
-    series_id = _series_id(api, ct3_dir)
+    series_id = api.upload_series(ct3_dir)
     workers("w1")
-    running = _submit(api, series_id, {**FAST_PARAMS, "max_iterations": 150, "min_iterations": 150})
-    queued = [_submit(api, series_id, FAST_PARAMS) for _ in range(2)]
+    running = api.submit(series_id, {**FAST_PARAMS, "max_iterations": 150, "min_iterations": 150})
+    queued = [api.submit(series_id, FAST_PARAMS) for _ in range(2)]
     wait_until(lambda: _running_with_progress(api, running), 120, "the first job to run")
     redis_server.stop()  # no persistence: the queued jobs' messages are gone
     redis_server.start()
@@ -68,9 +50,9 @@ def test_redis_restart_loses_no_job(
 
 
 def test_cancel_running_then_retry(api: Api, workers: WorkerFactory, ct3_dir: Path) -> None:
-    series_id = _series_id(api, ct3_dir)
+    series_id = api.upload_series(ct3_dir)
     workers("w1")
-    job_id = _submit(api, series_id, SLOW_PARAMS)
+    job_id = api.submit(series_id, SLOW_PARAMS)
     wait_until(lambda: _running_with_progress(api, job_id), 120, "the job to run")
     response = api.delete(f"/jobs/{job_id}")
     assert response.status_code == 202
@@ -83,11 +65,7 @@ def test_cancel_running_then_retry(api: Api, workers: WorkerFactory, ct3_dir: Pa
     retried = api.post(f"/jobs/{job_id}/retry")
     assert retried.status_code == 201, retried.text
     new = retried.json()
-    assert (
-        new["retry_of"] == job_id
-    )
-    assert (
-        new["params"]["max_iterations"] == SLOW_PARAMS["max_iterations"]
-    )
+    assert new["retry_of"] == job_id
+    assert new["params"]["max_iterations"] == SLOW_PARAMS["max_iterations"]
     api.delete(f"/jobs/{new['id']}")  # cancel the (long) retry: queued -> at once, running -> soon
     assert api.wait_job(new["id"], timeout=60)["state"] == "cancelled"

@@ -13,36 +13,32 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from .conftest import FAST_PARAMS, Api, WorkerFactory
+from .conftest import FAST_PARAMS, Api, WorkerFactory, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _series_id(upload: dict[str, Any]) -> str:
-    (study,) = upload["studies"]
-    (series,) = study["series"]
-    return str(series["id"])
-
-
 def test_upload_denoise_poll_download(api: Api, workers: WorkerFactory, ct3_dir: Path) -> None:
     workers("w1")
-    series_id = _series_id(api.upload_dir(ct3_dir))
+    series_id = api.upload_series(ct3_dir)
     response = api.post(
         "/jobs",
         json={"series_id": series_id, "pipeline": "zeroshot-denoise", "params": FAST_PARAMS},
     )
     assert response.status_code == 201, response.text
     job_id = response.json()["id"]
-    seen: list[float] = []
+    seen: list[tuple[str, float]] = []
 
-    def sample() -> dict[str, Any]:
+    def finished() -> dict[str, Any] | None:
         view = api.get(f"/jobs/{job_id}").json()
-        seen.append(view["progress_percent"])
-        return dict(view)
+        seen.append((view["state"], view["progress_percent"]))
+        return dict(view) if view["finished"] else None
 
-    view = api.wait_job(job_id)
-    sample()
+    view = wait_until(finished, 120, "the job to finish", period=0.1)
     assert view["state"] == "succeeded", view
+    progress = [p for _, p in seen]
+    assert progress == sorted(progress), seen  # progress never goes back
+    assert {state for state, _ in seen} <= {"queued", "running", "succeeded"}
     assert view["attempts"] == 1
     assert view["progress_percent"] == 100.0
     assert view["timings"]["run_s"] > 0
@@ -67,23 +63,10 @@ def test_upload_denoise_poll_download(api: Api, workers: WorkerFactory, ct3_dir:
 
 
 def test_priority_is_honoured(api: Api, workers: WorkerFactory, ct3_dir: Path) -> None:
-    series_id = _series_id(api.upload_dir(ct3_dir))
-
-    def submit(priority: int) -> str:
-        response = api.post(
-            "/jobs",
-            json={
-                "series_id": series_id,
-                "pipeline": "zeroshot-denoise",
-                "params": FAST_PARAMS,
-                "priority": priority,
-            },
-        )
-        assert response.status_code == 201, response.text
-        return str(response.json()["id"])
+    series_id = api.upload_series(ct3_dir)
 
     # Queued before any worker runs, in an order that a FIFO queue would get wrong.
-    low, high, mid = submit(1), submit(9), submit(5)
+    low, high, mid = (api.submit(series_id, FAST_PARAMS, p) for p in (1, 9, 5))
     workers("w1")
     views = {j: api.wait_job(j, timeout=180) for j in (low, high, mid)}
     assert all(v["state"] == "succeeded" for v in views.values()), views
@@ -105,7 +88,7 @@ def test_distributed_mode_on_postgresql(
     try:
         factory("pg")
         for api in make_api(settings):
-            series_id = _series_id(api.upload_dir(ct3_dir))
+            series_id = api.upload_series(ct3_dir)
             again = api.upload_dir(ct3_dir)  # idempotent re-upload
             assert again["instances_stored"] == 0
             assert again["instances_duplicate"] == 3

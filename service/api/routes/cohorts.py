@@ -13,7 +13,6 @@ from service.api.schemas import CohortRequest
 from service.jobs.cohorts import cohort_csv, cohort_rollup
 from service.jobs.submit import submit_cohort
 from service.settings import Settings
-from service.store import audit
 from service.store.db import session_scope
 
 router = APIRouter(prefix="/cohorts", tags=["cohorts"])
@@ -36,14 +35,12 @@ def submit(
         priority=body.priority,
     )
     with session_scope(settings.resolved_database_url) as session:
-        audit.record(
+        principal.audit(
             session,
-            tenant_id=principal.tenant_id,
-            key_id=principal.key_id,
-            action="cohort",
-            resource="cohort",
-            resource_id=cohort_id,
-            detail={"pipeline": body.pipeline, "items": len(body.items)},
+            "cohort",
+            "cohort",
+            cohort_id,
+            {"pipeline": body.pipeline, "items": len(body.items)},
         )
         return cohort_rollup(session, principal.tenant_id, cohort_id)
 

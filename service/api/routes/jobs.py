@@ -15,7 +15,6 @@ from service.errors import NotFound
 from service.jobs.control import cancel_job, get_job, job_view, retry_job
 from service.jobs.submit import submit_jobs
 from service.settings import Settings
-from service.store import audit
 from service.store.blobs import BlobStore
 from service.store.db import session_scope
 from service.store.tables import Job
@@ -47,15 +46,7 @@ def submit(
         priority=body.priority,
     )
     with session_scope(settings.resolved_database_url) as session:
-        audit.record(
-            session,
-            tenant_id=principal.tenant_id,
-            key_id=principal.key_id,
-            action="submit",
-            resource="job",
-            resource_id=job_id,
-            detail={"pipeline": body.pipeline},
-        )
+        principal.audit(session, "submit", "job", job_id, {"pipeline": body.pipeline})
     return _view(settings, principal.tenant_id, job_id)
 
 
@@ -92,14 +83,7 @@ def cancel(
 ) -> dict[str, Any]:
     """A queued job is cancelled at once; a running one stops at its next progress point."""
     job = cancel_job(session, principal.tenant_id, job_id)
-    audit.record(
-        session,
-        tenant_id=principal.tenant_id,
-        key_id=principal.key_id,
-        action="cancel",
-        resource="job",
-        resource_id=job.id,
-    )
+    principal.audit(session, "cancel", "job", job.id)
     return job_view(job)
 
 
@@ -112,15 +96,7 @@ def retry(
     """Queue a new job with the same input, pipeline and parameters (``retry_of`` links them)."""
     new_id = retry_job(settings, principal.tenant_id, job_id)
     with session_scope(settings.resolved_database_url) as session:
-        audit.record(
-            session,
-            tenant_id=principal.tenant_id,
-            key_id=principal.key_id,
-            action="retry",
-            resource="job",
-            resource_id=new_id,
-            detail={"retry_of": job_id},
-        )
+        principal.audit(session, "retry", "job", new_id, {"retry_of": job_id})
     return _view(settings, principal.tenant_id, new_id)
 
 
@@ -141,13 +117,5 @@ def download(
     path = blobs.path_of(meta["key"])
     if not path.is_file():  # recorded but gone (removed from the store): not found, not a 500
         raise NotFound(f"job {job.id}: the file of output {name[:64]!r} is no longer stored")
-    audit.record(
-        session,
-        tenant_id=principal.tenant_id,
-        key_id=principal.key_id,
-        action="download",
-        resource="job",
-        resource_id=job.id,
-        detail={"output": name},
-    )
+    principal.audit(session, "download", "job", job.id, {"output": name})
     return FileResponse(path, media_type=meta["media_type"], filename=name)

@@ -12,7 +12,6 @@ from service.api.deps import Principal, get_app_settings, get_blobs, get_princip
 from service.api.metrics import INGEST_BYTES
 from service.ingest.receive import receive_upload
 from service.settings import Settings
-from service.store import audit
 from service.store.blobs import BlobStore
 from service.store.db import session_scope
 from service.store.studies import (
@@ -42,14 +41,12 @@ def _ingest(
             for sid in report.study_ids
         ]
         for sid in report.study_ids:
-            audit.record(
+            principal.audit(
                 session,
-                tenant_id=principal.tenant_id,
-                key_id=principal.key_id,
-                action="upload",
-                resource="study",
-                resource_id=sid,
-                detail={
+                "upload",
+                "study",
+                sid,
+                {
                     "instances_stored": report.instances_stored,
                     "instances_duplicate": report.instances_duplicate,
                 },
@@ -130,12 +127,5 @@ def delete(
 ) -> Response:
     """Delete a study's instances; jobs that used it keep their outputs."""
     delete_study(session, blobs, principal.tenant_id, study_id)
-    audit.record(
-        session,
-        tenant_id=principal.tenant_id,
-        key_id=principal.key_id,
-        action="delete",
-        resource="study",
-        resource_id=study_id,
-    )
+    principal.audit(session, "delete", "study", study_id)
     return Response(status_code=204)
