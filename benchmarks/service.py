@@ -1,0 +1,1062 @@
+"""Gateway benchmark: upload throughput and peak RSS, job-submit latency under concurrency.
+
+Everything runs on this machine, on 127.0.0.1 only, each side in its own process: the gateway
+(``python -m service.cli gateway``), a real Celery worker (``python -m service.cli worker``)
+and the HTTP clients (this file re-run with an internal ``_upload`` / ``_phase`` command), so
+that the clients' memory, CPU and event loop are not the gateway's.
+
+1. **Upload.** A ~140 MB CT study built from real data: the three uncompressed 512x512 slices
+   of ``../shared/data/dcmqi/ct-3slice`` written in turn ``--slices`` times (pydicom) with new
+   SOPInstanceUIDs, one new study/series/frame-of-reference UID set and ImagePositionPatient
+   shifted 1 mm per slice: one ~280-slice series. It is POSTed to ``/studies`` as one streamed
+   multipart request (httpx, generator body with exact Content-Length; the client holds one
+   256 KiB chunk at a time). Throughput = body bytes / (request start -> response): receive,
+   validate, group, store, commit. Peak RSS of the gateway process tree: VmRSS of the process
+   and its children sampled every 50 ms from /proc, cross-checked with the kernel's VmHWM;
+   "growth" is the peak minus the idle RSS just before the upload.
+   *Baseline*: the same bytes from the same client to a trivial uvicorn ASGI sink that streams
+   the body to /dev/null (loopback + HTTP parsing only); the study size is the RSS reference.
+   Targets (issue 3): >= 100 MB/s, peak RSS < 1.5x the study size.
+2. **Submit latency.** A worker (concurrency 1, ``--worker-threads`` torch threads) is made
+   busy with a long ``zeroshot-denoise`` job (``max_iterations = min_iterations = 20000``) on a
+   small uploaded series. Then ``GET /health`` (*baseline*: one DB round trip, no auth) and
+   ``POST /jobs`` are measured, first by one client (service time), then by ``--clients``
+   concurrent clients (asyncio, one keep-alive connection each) each sending
+   ``--requests`` requests (bounded in count and by ``--deadline`` seconds). The default
+   client is a minimal asyncio HTTP/1.1 one (``--client httpx`` for httpx.AsyncClient, which
+   costs ~10x the CPU per request). Per phase: latency percentiles, requests/s, CPU ms per
+   request of gateway and client, and the cores used meanwhile by the gateway, the worker, the
+   client, the PostgreSQL/Redis servers and everything else on the machine ("other": other
+   users, kernel, and PostgreSQL backends that exited within the phase), plus the PostgreSQL
+   connections opened. Target: p99 < 100 ms. All submitted jobs and the busy one are
+   cancelled at the end.
+   Backends: ``sqlite`` (the embedded default: SQLite job store + kombu SQLAlchemy broker on
+   SQLite) and ``redis-pg`` (``redis://127.0.0.1:6379/7``, flushed before and after, and a
+   temporary PostgreSQL database on 127.0.0.1:5432, dropped after).
+
+``--profile-dir DIR`` runs the gateway under this file's stand-in for py-spy: per-call wall
+times of the submit path's functions (wrapped in the gateway process only; no code changed),
+threadpool queueing, server-side request time, and wall-clock stack samples of all threads,
+one snapshot per phase in ``DIR/gateway-<backend>.jsonl``; the main figures are then not
+comparable (sampling costs the gateway CPU).
+
+Usage:
+  python benchmarks/service.py                       # both backends (redis-pg if reachable)
+  python benchmarks/service.py --backends sqlite --slices 280 --clients 50 --requests 20
+  python benchmarks/service.py --backends redis-pg --profile-dir /tmp/vgprof
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+CT_3SLICE = REPO.parent / "shared" / "data" / "dcmqi" / "ct-3slice"
+REDIS_URL = "redis://127.0.0.1:6379/7"
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+HOST = "127.0.0.1"
+MB = 1e6
+CHUNK = 256 * 1024
+ME = [sys.executable, str(Path(__file__).resolve())]
+CLI = [sys.executable, "-m", "service.cli"]
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def make_series(out: Path, n_slices: int, source: Path = CT_3SLICE) -> int:
+    """Write ``n_slices`` copies of the real slices as one new series; return its bytes."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    sources = [pydicom.dcmread(p) for p in sorted(source.glob("*.dcm"))]
+    z0 = float(sources[0].ImagePositionPatient[2])
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    out.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for k in range(n_slices):
+        ds = sources[k % len(sources)]
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        x, y = (float(v) for v in ds.ImagePositionPatient[:2])
+        ds.ImagePositionPatient = [x, y, z0 - k]
+        ds.SliceLocation = z0 - k
+        ds.InstanceNumber = k + 1
+        path = out / f"IM{k + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        total += path.stat().st_size
+    return total
+
+
+# ---------------------------------------------------------------- processes and /proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            args, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 30.0) -> None:
+    """SIGTERM the process group, SIGKILL it after ``timeout`` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited with status {proc.returncode}")
+        with suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def helper(command: str, opts: dict[str, Any], timeout: float) -> Any:
+    """Run this file's internal ``command`` in a new process; return its JSON answer."""
+    done = subprocess.run(
+        [*ME, command, json.dumps(opts)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{command} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        with suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+    return pids
+
+
+def status_kb(pid: int, field: str) -> int:
+    with suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def tree_rss(pid: int) -> int:
+    """Resident set size of ``pid`` and its descendants, bytes."""
+    return 1024 * sum(status_kb(p, "VmRSS") for p in _tree(pid))
+
+
+def tree_cpu(pid: int | None) -> float:
+    """User + system CPU seconds of ``pid`` and its live descendants."""
+    total = 0
+    for p in _tree(pid) if pid else []:
+        with suppress(OSError), open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / TICK
+
+
+def machine_cpu() -> float:
+    """Busy CPU seconds of the whole machine (all processes, from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / TICK  # minus idle and iowait
+
+
+def servers_cpu() -> dict[str, float]:
+    """CPU seconds of each live PostgreSQL and Redis server process, by ``pid:start time``.
+
+    Backends that exit between two calls (a connection closed) are missed: their CPU shows up
+    as "other".
+    """
+    out = {}
+    for entry in os.listdir("/proc"):
+        with suppress(OSError, IndexError, ValueError):
+            if Path(f"/proc/{entry}/comm").read_text().strip() in ("postgres", "redis-server"):
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                out[f"{entry}:{fields[19]}"] = (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
+class RssSampler:
+    """Peak RSS of a process tree, sampled every ``interval`` seconds in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid, self.interval = pid, interval
+        self.peak, self.samples = 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss(self.pid))
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+# ---------------------------------------------------------------- clients and sink (own processes)
+
+
+def client_upload(opts: dict[str, Any]) -> dict[str, Any]:
+    """One multipart POST of every ``*.dcm`` in ``folder``, streamed from a generator."""
+    paths = sorted(Path(opts["folder"]).glob("*.dcm"))
+    boundary = secrets.token_hex(16)
+    heads = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{p.name}"\r\n'
+        "Content-Type: application/dicom\r\n\r\n".encode()
+        for p in paths
+    ]
+    tail = f"--{boundary}--\r\n".encode()
+    length = sum(len(h) + p.stat().st_size + 2 for h, p in zip(heads, paths, strict=True))
+    length += len(tail)
+    sent: list[float] = []
+
+    def body() -> Iterator[bytes]:
+        for head, path in zip(heads, paths, strict=True):
+            yield head
+            with path.open("rb") as f:
+                while chunk := f.read(CHUNK):
+                    yield chunk
+            yield b"\r\n"
+        yield tail
+        sent.append(time.perf_counter())
+
+    headers = {
+        "Content-Type": f"multipart/form-data; boundary={boundary}",
+        "Content-Length": str(length),
+    }
+    if opts["key"]:
+        headers["Authorization"] = f"Bearer {opts['key']}"
+    with httpx.Client(timeout=httpx.Timeout(600.0)) as client:
+        t0 = time.perf_counter()
+        response = client.post(opts["url"], content=body(), headers=headers)
+        t1 = time.perf_counter()
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = {"text": response.text[:500]}
+    return {
+        "status": response.status_code,
+        "bytes": length,
+        "seconds": t1 - t0,
+        "send_seconds": (sent[0] if sent else t1) - t0,
+        "answer": answer,
+    }
+
+
+class RawConnection:
+    """A minimal keep-alive HTTP/1.1 client connection (a cheap load generator).
+
+    Sends one request at a time and reads the response by its Content-Length (the gateway's
+    JSON answers always carry one); a tenth of httpx's CPU per request, so that on a small
+    machine the clients take less of the cores the gateway needs.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> RawConnection:
+        return cls(*await asyncio.open_connection(HOST, port))
+
+    async def request(self, method: str, path: str, head: bytes, body: bytes) -> tuple[int, bytes]:
+        self.writer.write(
+            f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {len(body)}\r\n".encode()
+            + head
+            + b"\r\n"
+            + body
+        )
+        response = await self.reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in response.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        return int(response[9:12]), await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def _hammer(opts: dict[str, Any]) -> dict[str, Any]:
+    """``clients`` concurrent clients, one connection each, ``requests`` requests each."""
+    clients, method, path = opts["clients"], opts["method"], opts["path"]
+    head = f"Authorization: Bearer {opts['key']}\r\n".encode() if opts["key"] else b""
+    body = json.dumps(opts["body"]).encode() if opts.get("body") else b""
+    if body:
+        head += b"Content-Type: application/json\r\n"
+    port = int(opts["url"].rsplit(":", 1)[1])
+    latencies: list[float] = []
+    statuses: collections.Counter[str] = collections.Counter()
+    ids: list[str] = []
+    if opts["client"] == "httpx":
+        pool = httpx.AsyncClient(
+            base_url=opts["url"],
+            timeout=30.0,
+            limits=httpx.Limits(max_connections=clients, max_keepalive_connections=clients),
+        )
+        headers = {"Content-Type": "application/json"} if body else {}
+        if opts["key"]:
+            headers["Authorization"] = f"Bearer {opts['key']}"
+
+        async def send(_: int) -> tuple[int, bytes]:
+            r = await pool.request(method, path, content=body or None, headers=headers)
+            return r.status_code, r.content
+
+        await asyncio.gather(*(pool.get("/health") for _ in range(clients)))
+    else:
+        conns = [await RawConnection.open(port) for _ in range(clients)]
+
+        async def send(i: int) -> tuple[int, bytes]:
+            return await conns[i].request(method, path, head, body)
+
+        # one request per connection first, so that connection set-up is not in the figures
+        await asyncio.gather(*(c.request("GET", "/health", b"", b"") for c in conns))
+    deadline = time.monotonic() + opts["deadline"]
+
+    async def one_client(i: int) -> None:
+        for _ in range(opts["requests"]):
+            if time.monotonic() > deadline:
+                return
+            t = time.perf_counter()
+            try:
+                status, data = await asyncio.wait_for(send(i), 30.0)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError, httpx.HTTPError) as exc:
+                statuses[type(exc).__name__] += 1
+                return  # this client's connection is unusable now
+            latencies.append(time.perf_counter() - t)
+            statuses[str(status)] += 1
+            if method == "POST" and status == 201:
+                ids.append(json.loads(data)["id"])
+
+    before = cpu_snapshot(opts["pids"])
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one_client(i) for i in range(clients)))
+    wall = time.perf_counter() - t0
+    after = cpu_snapshot(opts["pids"])
+    if opts["client"] == "httpx":
+        await pool.aclose()
+    else:
+        for c in conns:
+            c.close()
+    cpu = {k: after[k] - before[k] for k in after if k != "servers"}
+    cpu["db"] = sum(v - before["servers"].get(key, 0.0) for key, v in after["servers"].items())
+    cpu["other"] = cpu.pop("machine") - sum(cpu.values())
+    return {"latencies": latencies, "statuses": statuses, "ids": ids, "wall": wall, "cpu": cpu}
+
+
+def run_async(coro: Any) -> Any:
+    """Run ``coro`` on uvloop when installed (as uvicorn does), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, Any]:
+    """CPU seconds so far: the given process trees, this process, DB servers, the machine."""
+    snap: dict[str, Any] = {name: tree_cpu(pid) for name, pid in pids.items()}
+    snap["client"] = time.process_time()
+    snap["servers"] = servers_cpu()
+    snap["machine"] = machine_cpu()
+    return snap
+
+
+async def _cancel_all(opts: dict[str, Any], concurrency: int = 10) -> dict[str, int]:
+    statuses: collections.Counter[str] = collections.Counter()
+    sem = asyncio.Semaphore(concurrency)
+    headers = {"Authorization": f"Bearer {opts['key']}"}
+    async with httpx.AsyncClient(base_url=opts["url"], headers=headers, timeout=30.0) as client:
+
+        async def one(job_id: str) -> None:
+            async with sem:
+                try:
+                    statuses[str((await client.delete(f"/jobs/{job_id}")).status_code)] += 1
+                except httpx.HTTPError as exc:
+                    statuses[type(exc).__name__] += 1
+
+        await asyncio.gather(*(one(i) for i in opts["ids"]))
+    return dict(statuses)
+
+
+def sink_server(port: int) -> None:
+    """A trivial ASGI app: stream the request body to /dev/null, answer its length."""
+    import uvicorn
+
+    devnull = open(os.devnull, "wb")  # noqa: SIM115 - lives as long as the server
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        n, more = 0, True
+        while more:
+            message = await receive()
+            chunk = message.get("body", b"")
+            devnull.write(chunk)
+            n += len(chunk)
+            more = message.get("more_body", False)
+        head = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": json.dumps({"bytes": n}).encode()})
+
+    uvicorn.run(app, host=HOST, port=port, log_level="warning", lifespan="off")
+
+
+# ---------------------------------------------------------------- profiled gateway
+
+
+_BUSY_MARKERS = (
+    "service/",
+    "models/",
+    "sqlalchemy",
+    "fastapi",
+    "starlette",
+    "kombu",
+    "celery",
+    "redis",
+    "psycopg",
+    "pydantic",
+    "uvicorn/protocols",
+    "anyio/to_thread",
+)
+
+
+def profiled_gateway(port: int, out: Path, interval: float = 0.01) -> None:
+    """The gateway with call timers and a wall-clock stack sampler (see the module docstring).
+
+    SIGUSR1 appends a snapshot (label read from ``out.label``) to ``out`` and resets it.
+    """
+    # this file is benchmarks/service.py: its folder must not shadow the ``service`` package
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != here]
+    import fastapi.dependencies.utils
+    import fastapi.routing
+    import sqlalchemy.orm
+    import sqlalchemy.pool
+    import uvicorn
+
+    import service.api.deps
+    import service.api.routes.jobs
+    import service.api.routes.studies
+    import service.jobs.reaper
+    import service.jobs.submit
+    import service.store.audit
+    import service.store.blobs
+    import service.store.studies
+    from service.api.app import create_app
+
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    cpu_times: dict[str, list[float]] = collections.defaultdict(list)
+    missing: list[str] = []
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    samples = [0]
+
+    def timed(module: Any, name: str, label: str) -> None:
+        original = getattr(module, name, None)
+        if original is None:  # renamed since this file was written: time the rest
+            missing.append(f"{module.__name__}.{name}")
+            return
+
+        async def async_wrapper(*a: Any, **kw: Any) -> Any:
+            t, c = time.perf_counter(), time.thread_time()
+            try:
+                return await original(*a, **kw)
+            finally:
+                times[label].append(time.perf_counter() - t)
+                cpu_times[label].append(time.thread_time() - c)
+
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            t, c = time.perf_counter(), time.thread_time()
+            try:
+                return original(*a, **kw)
+            finally:
+                times[label].append(time.perf_counter() - t)
+                cpu_times[label].append(time.thread_time() - c)
+
+        setattr(module, name, async_wrapper if asyncio.iscoroutinefunction(original) else wrapper)
+
+    for module, name, label in (
+        (service.api.deps, "resolve_api_key", "auth: resolve_api_key (in session)"),
+        (service.api.routes.jobs, "submit_jobs", "submit_jobs (total)"),
+        (service.jobs.submit, "validated_params", "  validated_params"),
+        (service.jobs.submit, "_create_jobs", "  _create_jobs (series lookup + insert)"),
+        (service.jobs.submit, "publish", "  publish (total)"),
+        (service.jobs.reaper, "broker_epoch", "    broker_epoch"),
+        (service.jobs.reaper, "send_doorbell", "    send_doorbell"),
+        (service.store.audit, "record", "audit.record (add)"),
+        (service.api.routes.jobs, "_view", "_view (re-read job)"),
+        (service.api.routes.studies, "receive_upload", "upload: receive_upload (async)"),
+        (service.api.routes.studies, "ingest_files", "upload: ingest_files (total)"),
+        (service.store.studies, "scan_upload", "  scan_upload (read + hash)"),
+        (service.store.studies, "group_studies", "  group_studies"),
+        (service.store.studies, "_store_groups", "  _store_groups (blobs + rows)"),
+        (service.store.blobs.BlobStore, "put_file", "    BlobStore.put_file"),
+        (service.api.routes.studies, "study_summary", "upload: study_summary"),
+        (sqlalchemy.orm.Session, "commit", "Session.commit (all)"),
+        (sqlalchemy.pool.QueuePool, "_do_get", "pool checkout (QueuePool._do_get)"),
+    ):
+        timed(module, name, label)
+
+    for module in (fastapi.routing, fastapi.dependencies.utils):
+        original_rtp = module.run_in_threadpool
+
+        async def rtp(func: Callable[..., Any], *a: Any, _o: Any = original_rtp, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            began: list[float] = []
+            fn = getattr(func, "__name__", "?")
+
+            def inner() -> Any:
+                began.append(time.perf_counter())
+                c = time.thread_time()
+                try:
+                    return func(*a, **kw)
+                finally:
+                    times[f"in thread: {fn}"].append(time.perf_counter() - began[0])
+                    cpu_times[f"in thread: {fn}"].append(time.thread_time() - c)
+
+            try:
+                return await _o(inner)
+            finally:
+                times[f"threadpool wait: {fn}"].append((began or [t0])[0] - t0)
+
+        module.run_in_threadpool = rtp  # type: ignore[attr-defined]
+
+    inner_app = create_app()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        t = time.perf_counter()
+        try:
+            await inner_app(scope, receive, send)
+        finally:
+            if scope["type"] == "http":
+                times[f"server {scope['method']} /{scope['path'].split('/')[1]}"].append(
+                    time.perf_counter() - t
+                )
+
+    me = threading.get_ident()
+    stop_event = threading.Event()
+
+    def sample() -> None:
+        while not stop_event.wait(interval):
+            samples[0] += 1
+            for tid, frame in sys._current_frames().items():
+                names, f = [], frame
+                while f is not None and len(names) < 80:
+                    code = f.f_code
+                    names.append(f"{_short(code.co_filename)}:{code.co_name}")
+                    f = f.f_back
+                if tid == me or not any(m in n for n in names for m in _BUSY_MARKERS):
+                    continue
+                own[f"{names[0]}:{frame.f_lineno}"] += 1
+                for name in set(names):
+                    inclusive[name] += 1
+
+    def snapshot(*_: Any) -> None:
+        label = out.with_suffix(".label").read_text() if out.with_suffix(".label").exists() else ""
+        stats = {}
+        for name, values in sorted(times.items()):
+            v = sorted(values)
+            stats[name] = {
+                "n": len(v),
+                "mean_ms": 1000 * sum(v) / len(v),
+                "p50_ms": 1000 * v[len(v) // 2],
+                "p99_ms": 1000 * v[min(len(v) - 1, round(0.99 * (len(v) - 1)))],
+            }
+            if cpu_times.get(name):
+                stats[name]["cpu_mean_ms"] = 1000 * sum(cpu_times[name]) / len(cpu_times[name])
+        record = {
+            "label": label,
+            "samples": samples[0],
+            "interval_s": interval,
+            "timers": stats,
+            "not_timed": missing,
+            "own": own.most_common(30),
+            "inclusive": [kv for kv in inclusive.most_common(400) if "/" in kv[0]][:120],
+        }
+        with out.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        times.clear()
+        cpu_times.clear()
+        own.clear()
+        inclusive.clear()
+        samples[0] = 0
+
+    signal.signal(signal.SIGUSR1, snapshot)
+    threading.Thread(target=sample, daemon=True).start()
+    try:
+        uvicorn.run(app, host=HOST, port=port, log_level="warning", access_log=False)
+    finally:
+        stop_event.set()
+
+
+def _short(filename: str) -> str:
+    parts = Path(filename).parts
+    if "site-packages" in parts:
+        return "/".join(parts[parts.index("site-packages") + 1 :])
+    for root in ("service", "models", "workers"):
+        if root in parts:
+            return "/".join(parts[parts.index(root) :])
+    return parts[-1] if parts else filename
+
+
+# ---------------------------------------------------------------- backends
+
+
+@contextmanager
+def backend(name: str, data_dir: Path) -> Iterator[dict[str, str]]:
+    """VOXELGATE_* environment of one backend; its temporary PostgreSQL DB / Redis DB cleaned."""
+    env = {**os.environ, "VOXELGATE_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    env.pop("VOXELGATE_DATABASE_URL", None)
+    env.pop("VOXELGATE_BROKER_URL", None)
+    if name == "sqlite":
+        yield env
+        return
+    import psycopg
+    import redis
+
+    db = f"vgbench_{secrets.token_hex(4)}"
+    r = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
+    r.flushdb()
+    with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'CREATE DATABASE "{db}"')
+    try:
+        env["VOXELGATE_DATABASE_URL"] = PG_URL + db
+        env["VOXELGATE_BROKER_URL"] = REDIS_URL
+        yield env
+    finally:
+        with (
+            suppress(Exception),
+            psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as c,
+        ):
+            c.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        with suppress(Exception):
+            r.flushdb()
+            r.close()
+
+
+def pg_sessions(db: str) -> int:
+    """Connections ever opened to PostgreSQL database ``db`` (0 if not PostgreSQL)."""
+    if not db.startswith("vgbench_"):
+        return 0
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN, connect_timeout=5) as conn:
+        row = conn.execute("SELECT sessions FROM pg_stat_database WHERE datname = %s", (db,))
+        return int((row.fetchone() or (0,))[0])
+
+
+def reachable(name: str) -> str | None:
+    """None if the backend's servers answer, else why not."""
+    if name == "sqlite":
+        return None
+    try:
+        import psycopg
+        import redis
+
+        redis.Redis.from_url(REDIS_URL, socket_timeout=3).ping()
+        with psycopg.connect(PG_ADMIN, connect_timeout=3):
+            pass
+    except Exception as exc:  # any failure means "skip this backend"; reported in the table
+        return f"{type(exc).__name__}: {exc}"[:200]
+    return None
+
+
+# ---------------------------------------------------------------- one backend
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if values else 0.0
+
+
+class Run:
+    """The processes and figures of one backend's run."""
+
+    def __init__(self, name: str, args: argparse.Namespace, work: Path) -> None:
+        self.name, self.args, self.work = name, args, work
+        self.result: dict[str, Any] = {"backend": name, "phases": []}
+        self.gateway: subprocess.Popen[bytes] | None = None
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.base, self.key = "", ""
+        self.env: dict[str, str] = {}
+        self.ids: list[str] = []
+        self.profile = (
+            Path(args.profile_dir) / f"gateway-{name}.jsonl" if args.profile_dir else None
+        )
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def upload(self, folder: Path) -> dict[str, Any]:
+        up = helper(
+            "_upload", {"url": f"{self.base}/studies", "key": self.key, "folder": str(folder)}, 900
+        )
+        if up["status"] != 201:
+            raise RuntimeError(f"upload answered {up['status']}: {str(up['answer'])[:500]}")
+        return up
+
+    def bench_upload(self, env: dict[str, str], study: Path) -> None:
+        port = free_port()
+        sink = start([*ME, "_sink", str(port)], env, self.work / f"sink-{self.name}.log")
+        try:
+            wait_http(f"http://{HOST}:{port}/", sink)
+            opts = {"url": f"http://{HOST}:{port}/", "key": "", "folder": str(study)}
+            self.result["sink"] = helper("_upload", opts, 600)
+            self.result["sink_rss"] = tree_rss(sink.pid)
+        finally:
+            stop(sink)
+        httpx.get(f"{self.base}/studies", headers=self.auth, timeout=30).raise_for_status()
+        time.sleep(1.0)
+        self.result["idle_rss"] = tree_rss(self.gateway.pid)  # type: ignore[union-attr]
+        with RssSampler(self.gateway.pid) as sampler:  # type: ignore[union-attr]
+            up = self.upload(study)
+        ans = up["answer"]
+        self.result.update(
+            upload=up,
+            peak_rss=sampler.peak,
+            rss_samples=sampler.samples,
+            vmhwm=1024 * status_kb(self.gateway.pid, "VmHWM"),  # type: ignore[union-attr]
+            stored=(
+                ans["instances_stored"],
+                ans["bytes_stored"],
+                [len(s["series"]) for s in ans["studies"]],
+            ),
+        )
+        up.pop("answer")
+
+    def phase(
+        self,
+        label: str,
+        clients: int,
+        requests: int,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+    ) -> None:
+        opts = {
+            "url": self.base,
+            "key": "" if path == "/health" else self.key,
+            "method": method,
+            "path": path,
+            "body": body,
+            "clients": clients,
+            "requests": requests,
+            "deadline": self.args.deadline,
+            "client": self.args.client,
+        }
+        pids = {"gateway": self.gateway.pid}  # type: ignore[union-attr]
+        if self.worker is not None:
+            pids["worker"] = self.worker.pid
+        db = self.env.get("VOXELGATE_DATABASE_URL", "").rsplit("/", 1)[-1] if self.env else ""
+        connects = pg_sessions(db)
+        res = helper("_phase", {**opts, "pids": pids}, self.args.deadline + 120)
+        connects = pg_sessions(db) - connects
+        self.ids += res["ids"]
+        lat, wall = [1000 * v for v in res["latencies"]], res["wall"]
+        cpu, n = res["cpu"], max(1, len(lat))
+        row = {"label": label, "clients": clients, "n": len(lat), "rps": len(lat) / wall}
+        row.update({f"p{q}": pct(lat, q) for q in (50, 90, 99)}, max=max(lat, default=0.0))
+        row.update(gw_cpu_ms=1000 * cpu["gateway"] / n, client_cpu_ms=1000 * cpu["client"] / n)
+        row.update(
+            {
+                f"{k}_cores": cpu.get(k, 0.0) / wall
+                for k in ("gateway", "worker", "client", "db", "other")
+            }
+        )
+        row["statuses"] = res["statuses"]
+        row["pg_connects"] = connects
+        self.result["phases"].append(row)
+        self.snapshot(f"{label} x{clients}")
+
+    def snapshot(self, label: str) -> None:
+        """Have the profiled gateway write its figures since the last snapshot (bounded wait)."""
+        if self.profile is None or self.gateway is None:
+            return
+        size = self.profile.stat().st_size if self.profile.exists() else 0
+        self.profile.with_suffix(".label").write_text(label)
+        os.kill(self.gateway.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (
+            not self.profile.exists() or self.profile.stat().st_size == size
+        ):
+            time.sleep(0.1)
+
+    def bench_latency(self, env: dict[str, str], small: Path) -> None:
+        series_id = self.upload(small)["answer"]["studies"][0]["series"][0]["id"]
+        wenv = {**env, "VOXELGATE_TORCH_THREADS": str(self.args.worker_threads)}
+        self.worker = start(
+            [*CLI, "worker", "--queues", "gpu,cpu", "--concurrency", "1", "--name", self.name],
+            wenv,
+            self.work / f"worker-{self.name}.log",
+        )
+        busy = {
+            "series_id": series_id,
+            "pipeline": "zeroshot-denoise",
+            "params": {"max_iterations": 20000, "min_iterations": 20000},
+        }
+        r = httpx.post(f"{self.base}/jobs", headers=self.auth, json=busy, timeout=30)
+        r.raise_for_status()
+        busy_id = r.json()["id"]
+        self.ids.append(busy_id)
+        self.result["busy_wait_s"] = self.wait_state(busy_id, {"running"}, 300)
+        time.sleep(3.0)  # past loading, into the fit
+        job = {
+            "series_id": series_id,
+            "pipeline": "zeroshot-denoise",
+            "params": {"max_iterations": 50},
+            "priority": 1,
+        }
+        c, n = self.args.clients, self.args.requests
+        self.phase("GET /health (baseline)", 1, 100, "GET", "/health")
+        self.phase("POST /jobs", 1, 100, "POST", "/jobs", job)
+        self.phase("GET /health (baseline)", c, n, "GET", "/health")
+        self.phase("POST /jobs", c, n, "POST", "/jobs", job)
+        state = httpx.get(f"{self.base}/jobs/{busy_id}", headers=self.auth, timeout=30).json()
+        self.result["busy_after"] = (state["state"], state["progress_percent"], state["step"])
+
+    def wait_state(self, job_id: str, states: set[str], timeout: float) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.worker is not None and self.worker.poll() is not None:
+                raise RuntimeError(f"worker exited with status {self.worker.returncode}")
+            r = httpx.get(f"{self.base}/jobs/{job_id}", headers=self.auth, timeout=30)
+            if r.json()["state"] in states:
+                return time.monotonic() - t0
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job_id} not in {states} after {timeout:.0f} s")
+
+    def run(self, study: Path, small: Path) -> dict[str, Any]:
+        with backend(self.name, self.work / f"data-{self.name}") as env:
+            self.env = env
+            try:
+                keys = subprocess.run(
+                    [*CLI, "keys", "create", "bench"],
+                    env=env,
+                    cwd=REPO,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                    check=True,
+                )
+                self.key = keys.stdout.strip().splitlines()[-1]
+                port = free_port()
+                self.base = f"http://{HOST}:{port}"
+                cmd = [*CLI, "gateway", "--port", str(port)]
+                if self.profile is not None:
+                    self.profile.unlink(missing_ok=True)
+                    cmd = [*ME, "_gateway_profiled", str(port), str(self.profile)]
+                self.gateway = start(cmd, env, self.work / f"gateway-{self.name}.log")
+                wait_http(f"{self.base}/health", self.gateway)
+                self.snapshot("start-up")
+                self.bench_upload(env, study)
+                self.snapshot("upload")
+                if not self.args.skip_latency:
+                    self.bench_latency(env, small)
+                return self.result
+            finally:
+                if self.ids and self.gateway is not None and self.gateway.poll() is None:
+                    with suppress(Exception):
+                        opts = {"url": self.base, "key": self.key, "ids": self.ids}
+                        self.result["cancel"] = helper("_cancel", opts, 300)
+                        self.wait_state(self.ids[0], {"cancelled", "failed", "succeeded"}, 60)
+                stop(self.worker)
+                stop(self.gateway)
+
+
+# ---------------------------------------------------------------- report
+
+
+def report(
+    results: list[dict[str, Any]],
+    skipped: dict[str, str],
+    study_bytes: int,
+    args: argparse.Namespace,
+) -> None:
+    print(
+        f"\nvoxelgate gateway benchmark: {os.cpu_count()} CPU cores shared by the gateway, "
+        f"the busy worker ({args.worker_threads} torch thread(s)) and the clients; loopback"
+    )
+    print(
+        f"study: {args.slices} slices of 512x512 int16 (copies of dcmqi/ct-3slice), "
+        f"{study_bytes / MB:.1f} MB of DICOM files"
+    )
+    print("\n1. Upload, one streamed multipart POST   targets: >= 100 MB/s, peak RSS < 1.5x study")
+    print(
+        f"{'backend':9s} {'receiver':33s} {'MB/s':>7s} {'s':>6s} {'peak RSS MB':>11s} "
+        f"{'x study':>7s} {'growth MB':>9s}"
+    )
+    for r in results:
+        s, u = r["sink"], r["upload"]
+        peak = max(r["peak_rss"], r["vmhwm"])
+        print(
+            f"{r['backend']:9s} {'baseline: ASGI sink -> /dev/null':33s} "
+            f"{s['bytes'] / MB / s['seconds']:7.1f} {s['seconds']:6.2f} "
+            f"{r['sink_rss'] / MB:11.1f}"
+        )
+        print(
+            f"{'':9s} {'gateway POST /studies':33s} {u['bytes'] / MB / u['seconds']:7.1f} "
+            f"{u['seconds']:6.2f} {peak / MB:11.1f} {peak / study_bytes:7.2f} "
+            f"{(peak - r['idle_rss']) / MB:9.1f}"
+        )
+        print(
+            f"{'':9s}   body sent after {u['send_seconds']:.2f} s "
+            f"({u['bytes'] / MB / u['send_seconds']:.0f} MB/s), answer after "
+            f"{u['seconds']:.2f} s; idle RSS {r['idle_rss'] / MB:.1f} MB, sampled peak "
+            f"{r['peak_rss'] / MB:.1f} MB ({r['rss_samples']} samples), VmHWM "
+            f"{r['vmhwm'] / MB:.1f} MB; stored {r['stored'][0]} instances, "
+            f"{r['stored'][1] / MB:.1f} MB, series per study {r['stored'][2]}"
+        )
+    if any(r["phases"] for r in results):
+        print(
+            f"\n2. Latency while the worker is busy on zeroshot-denoise ({args.client} client, one "
+            f"connection per client)   target: p99 < 100 ms at {args.clients} concurrent clients"
+        )
+        cols = [  # key, width, format, header line 1, header line 2
+            ("clients", 7, "d", "clients", ""),
+            ("n", 5, "d", "n", ""),
+            ("p50", 6, ".1f", "p50", "ms"),
+            ("p90", 6, ".1f", "p90", "ms"),
+            ("p99", 6, ".1f", "p99", "ms"),
+            ("max", 6, ".1f", "max", "ms"),
+            ("rps", 6, ".1f", "req/s", ""),
+            ("gw_cpu_ms", 6, ".2f", "gw CPU", "ms/req"),
+            ("client_cpu_ms", 6, ".2f", "cl CPU", "ms/req"),
+            ("gateway_cores", 5, ".2f", "gw", "cores"),
+            ("worker_cores", 5, ".2f", "wrkr", "cores"),
+            ("client_cores", 5, ".2f", "cl", "cores"),
+            ("db_cores", 5, ".2f", "db", "cores"),
+            ("other_cores", 5, ".2f", "other", "cores"),
+            ("pg_connects", 6, "d", "PG", "conns"),
+        ]
+        for line, first in ((3, "backend   request"), (4, "")):
+            print(f"{first:33s} " + " ".join(f"{c[line]:>{c[1]}s}" for c in cols))
+        for r in results:
+            for p in r["phases"]:
+                cells = [f"{p[c[0]]:{c[1]}{c[2]}}" for c in cols]
+                extra = "" if set(p["statuses"]) <= {"200", "201"} else f"  {p['statuses']}"
+                print(f"{r['backend']:9s} {p['label']:23s} " + " ".join(cells) + extra)
+            if r["phases"]:
+                print(
+                    f"{'':9s} busy job afterwards: {r.get('busy_after')}; "
+                    f"cancel answers: {r.get('cancel')}"
+                )
+    for name, why in skipped.items():
+        print(f"\n{name}: not run ({why})")
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
+        cmd, arg = sys.argv[1], sys.argv[2]
+        if cmd == "_sink":
+            sink_server(int(arg))
+        elif cmd == "_gateway_profiled":
+            profiled_gateway(int(arg), Path(sys.argv[3]))
+        else:
+            opts = json.loads(arg)
+            answer = {
+                "_upload": client_upload,
+                "_phase": lambda o: run_async(_hammer(o)),
+                "_cancel": lambda o: asyncio.run(_cancel_all(o)),
+            }[cmd](opts)
+            print(json.dumps(answer))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backends", default="all", help="all | sqlite | redis-pg | sqlite,redis-pg")
+    p.add_argument("--slices", type=int, default=280, help="slices of the upload study")
+    p.add_argument("--busy-slices", type=int, default=12, help="slices of the busy job's series")
+    p.add_argument("--clients", type=int, default=50)
+    p.add_argument("--requests", type=int, default=20, help="requests per client")
+    p.add_argument("--deadline", type=float, default=120.0, help="seconds per latency phase")
+    p.add_argument(
+        "--client",
+        choices=("raw", "httpx"),
+        default="raw",
+        help="load generator: minimal asyncio HTTP/1.1 (default) or httpx.AsyncClient",
+    )
+    p.add_argument("--worker-threads", type=int, default=1, help="torch threads of the worker")
+    p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--profile-dir", help="profile the gateway (see above); figures then skewed")
+    p.add_argument("--json", help="also write the raw results to this file")
+    args = p.parse_args()
+    names = ["sqlite", "redis-pg"] if args.backends == "all" else args.backends.split(",")
+    if args.profile_dir:
+        Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
+    skipped: dict[str, str] = {}
+    results, failed = [], False
+    with tempfile.TemporaryDirectory(prefix="vgbench-") as tmp:
+        work = Path(tmp)
+        study_bytes = make_series(work / "study", args.slices)
+        make_series(work / "small", args.busy_slices)
+        for name in names:
+            why = reachable(name)
+            if why is not None:
+                if args.backends != "all":
+                    raise SystemExit(f"{name} not reachable: {why}")
+                skipped[name] = why
+                continue
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            try:
+                results.append(Run(name, args, work).run(work / "study", work / "small"))
+            except Exception as exc:
+                for log in sorted(work.glob(f"*-{name}.log")):
+                    print(f"--- {log.name} (tail)\n{log.read_text()[-3000:]}", file=sys.stderr)
+                skipped[name] = f"failed: {type(exc).__name__}: {exc}"[:600]
+                failed = True
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    report(results, skipped, study_bytes, args)
+    return 0 if results and not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
