@@ -27,7 +27,6 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 RUN_JOB_TASK = "voxelgate.run_job"
-QUEUES = ("gpu", "cpu")
 _EPOCH_KEY = "voxelgate:broker-epoch"
 _SQLA_EPOCH = "sqla"
 
@@ -112,30 +111,24 @@ def send_doorbell(settings: Settings, job_id: str, spec: PipelineSpec, priority:
     )
 
 
+_REDIS_CLIENTS: dict[str, Any] = {}
+
+
+def _redis(url: str) -> Any:
+    """One Redis client (with its connection pool) per URL and process."""
+    if url not in _REDIS_CLIENTS:
+        import redis
+
+        _REDIS_CLIENTS[url] = redis.Redis.from_url(url, socket_timeout=5)
+    return _REDIS_CLIENTS[url]
+
+
 def broker_epoch(settings: Settings) -> str:
     """Return the broker's current epoch token (see the module docstring)."""
     if not settings.broker_is_redis:
         return _SQLA_EPOCH
-    import redis
-
-    client = redis.Redis.from_url(settings.resolved_broker_url, socket_timeout=5)
-    try:
-        candidate = secrets.token_hex(8)
-        client.set(_EPOCH_KEY, candidate, nx=True)
-        value = client.get(_EPOCH_KEY)
-    finally:
-        client.close()
+    client = _redis(settings.resolved_broker_url)
+    candidate = secrets.token_hex(8)
+    client.set(_EPOCH_KEY, candidate, nx=True)
+    value = client.get(_EPOCH_KEY)
     return value.decode() if isinstance(value, bytes) else candidate
-
-
-def queue_lengths(settings: Settings) -> dict[str, int]:
-    """Messages waiting in each broker queue (Redis only; empty dict otherwise)."""
-    if not settings.broker_is_redis:
-        return {}
-    import redis
-
-    client = redis.Redis.from_url(settings.resolved_broker_url, socket_timeout=5)
-    try:
-        return {name: int(client.llen(name)) for name in QUEUES}
-    finally:
-        client.close()

@@ -37,7 +37,8 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # pool as large as the gateway's thread pool (anyio: 40), so connections are reused
+    return create_engine(url, pool_pre_ping=True, pool_size=40, max_overflow=10)
 
 
 @lru_cache(maxsize=8)
