@@ -29,11 +29,8 @@ from pydicom.dataset import Dataset
 from models.errors import InputRejected
 from service.io.dicom_geometry import (
     _affine,
-    _check_consistent,
-    _check_steps,
-    _directions,
     _Slice,
-    _sort_slices,
+    order_slices,
 )
 
 PLANE_COSINE = 0.9
@@ -102,12 +99,7 @@ def dicom_series_geometry(
             return {"volume": False, "reason": error, "n_files": n_files}
     slices = [s for file_slices in slices_per_file if file_slices for s in file_slices]
     try:
-        _check_consistent(slices)
-        row_dir, col_dir = _directions(slices[0])
-        normal = np.cross(row_dir, col_dir)
-        ordered = _sort_slices(slices, normal)
-        if len(ordered) > 1:
-            _check_steps(ordered, normal)
+        ordered, normal = order_slices(slices)
         affine = _affine(ordered, first_thickness or Dataset(), normal)
     except InputRejected as exc:
         return {"volume": False, "reason": str(exc), "n_files": n_files}

@@ -282,6 +282,28 @@ def _check_steps(ordered: list[_Slice], normal: npt.NDArray[np.float64]) -> None
         )
 
 
+def order_slices(slices: list[_Slice]) -> tuple[list[_Slice], npt.NDArray[np.float64]]:
+    """Check that slices form one volume and sort them along the slice normal.
+
+    Args:
+        slices: Slices of one series, in any order.
+
+    Returns:
+        The slices in increasing position along the normal, and the unit normal (LPS).
+
+    Raises:
+        InputRejected: Inconsistent orientation/size/spacing, duplicate or missing slices,
+            uneven spacing.
+    """
+    _check_consistent(slices)
+    row_dir, col_dir = _directions(slices[0])
+    normal = np.cross(row_dir, col_dir)
+    ordered = _sort_slices(slices, normal)
+    if len(ordered) > 1:
+        _check_steps(ordered, normal)
+    return ordered, normal
+
+
 def _single_slice_step(ds: Dataset, normal: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """Slice step of a one-slice series: normal x (SpacingBetweenSlices|SliceThickness|1 mm)."""
     for keyword in ("SpacingBetweenSlices", "SliceThickness"):

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydicom.dataset import Dataset
 
 from models.errors import InputRejected
@@ -31,12 +30,9 @@ from models.volume import Volume
 from service.io.dicom_files import _Entry, _open_source, _scan, _Source, _str
 from service.io.dicom_geometry import (
     _affine,
-    _check_consistent,
-    _check_steps,
-    _directions,
     _instance_slices,
     _Slice,
-    _sort_slices,
+    order_slices,
 )
 from service.io.dicom_pixels import _stack_pixels
 
@@ -247,12 +243,7 @@ def load_dicom_series(
         study_uid = _study_uid(members[0][1], members[0][0].label, allow_missing_study_uid)
         datasets, labels = _read_full(src, members)
     slices = [s for n, ds in enumerate(datasets) for s in _instance_slices(ds, n, labels[n])]
-    _check_consistent(slices)
-    row_dir, col_dir = _directions(slices[0])
-    normal = np.cross(row_dir, col_dir)
-    ordered = _sort_slices(slices, normal)
-    if len(ordered) > 1:
-        _check_steps(ordered, normal)
+    ordered, normal = order_slices(slices)
     first = datasets[ordered[0].dataset_index]
     modality = _str(first, "Modality") or "OT"
     array = _stack_pixels(ordered, datasets, labels, modality)
