@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from models.registry import get_spec
 from service.errors import Conflict, NotFound
 from service.jobs.lifecycle import TERMINAL, add_message, apply_update
+from service.jobs.queue import Doorbell
 from service.jobs.reaper import publish
 from service.jobs.submit import add_job
 from service.settings import Settings
@@ -79,9 +80,9 @@ def retry_job(settings: Settings, tenant_id: str, job_id: str) -> str:
         new = add_job(
             session, tenant_id, series, spec, dict(job.params), job.priority, job.cohort_id, job.id
         )
-        new_id = new.id
-    publish(settings, [new_id])
-    return new_id
+        bell = Doorbell(new.id, new.pipeline, new.priority)
+    publish(settings, [bell])
+    return bell.job_id
 
 
 def job_view(job: Job) -> dict[str, Any]:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import Any
+from typing import Any, NamedTuple
 
 from celery import Celery
 
-from models.registry import PipelineSpec, all_specs
+from models.registry import PipelineSpec, all_specs, get_spec
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,17 +95,26 @@ def time_limits(spec: PipelineSpec, settings: Settings) -> tuple[int, int]:
     return spec.time_limit_s, spec.time_limit_s + settings.time_limit_grace_s
 
 
-def send_doorbell(settings: Settings, job_id: str, spec: PipelineSpec, priority: int) -> None:
-    """Publish one ``run_job`` message for ``job_id`` on the pipeline's queue.
+class Doorbell(NamedTuple):
+    """What one ``run_job`` message needs: the job, its pipeline (queue, time limits), priority."""
+
+    job_id: str
+    pipeline: str
+    priority: int
+
+
+def send_doorbell(settings: Settings, bell: Doorbell) -> None:
+    """Publish one ``run_job`` message for ``bell.job_id`` on the pipeline's queue.
 
     Call only after the job row is committed.
     """
+    spec = get_spec(bell.pipeline)
     soft, hard = time_limits(spec, settings)
     producer(settings).send_task(
         RUN_JOB_TASK,
-        args=[job_id],
+        args=[bell.job_id],
         queue=spec.queue,
-        priority=priority,
+        priority=bell.priority,
         soft_time_limit=soft,
         time_limit=hard,
     )

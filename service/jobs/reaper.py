@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import or_, select, update
 
-from models.registry import get_spec
 from service.jobs.lifecycle import add_message, apply_update
-from service.jobs.queue import broker_epoch, send_doorbell
+from service.jobs.queue import Doorbell, broker_epoch, send_doorbell
 from service.settings import Settings
 from service.store.db import session_scope
 from service.store.tables import Job, now
@@ -44,15 +44,23 @@ class ReapReport:
     republished: list[str] = field(default_factory=list)
 
 
-def _recover_stale(settings: Settings, report: ReapReport) -> None:
+def _recover_stale(settings: Settings, report: ReapReport) -> list[Doorbell]:
     cutoff = now() - settings.heartbeat_timeout_s
     with session_scope(settings.resolved_database_url) as session:
         stale = session.execute(
-            select(Job.id, Job.run_token, Job.attempts, Job.cancel_requested)
+            select(
+                Job.id,
+                Job.run_token,
+                Job.attempts,
+                Job.cancel_requested,
+                Job.pipeline,
+                Job.priority,
+            )
             .where(Job.state == "running", Job.heartbeat_at < cutoff)
             .limit(_BATCH)
         ).all()
-        for job_id, token, attempts, cancel in stale:
+        requeued: list[Doorbell] = []
+        for job_id, token, attempts, cancel, pipeline, priority in stale:
             owned = (Job.id == job_id, Job.run_token == token, Job.state == "running")
             if cancel:
                 values = {"state": "cancelled", "finished_at": now(), "run_token": ""}
@@ -75,9 +83,12 @@ def _recover_stale(settings: Settings, report: ReapReport) -> None:
                 add_message(session, job_id, text)
                 target.append(job_id)
                 log.warning("job %s: %s", job_id, text)
+                if target is report.requeued:
+                    requeued.append(Doorbell(job_id, pipeline, priority))
+    return requeued
 
 
-def _unpublished(settings: Settings, epoch: str) -> list[tuple[str, str, int]]:
+def _unpublished(settings: Settings, epoch: str) -> list[Doorbell]:
     cutoff = now() - _PUBLISH_GRACE_S
     with session_scope(settings.resolved_database_url) as session:
         rows = session.execute(
@@ -90,40 +101,41 @@ def _unpublished(settings: Settings, epoch: str) -> list[tuple[str, str, int]]:
             )
             .limit(_BATCH)
         ).all()
-    return [(r[0], r[1], r[2]) for r in rows]
+    return [Doorbell(*row) for row in rows]
 
 
-def publish(settings: Settings, job_ids: list[str]) -> None:
-    """Send the doorbell of each (committed) queued job and record the broker epoch it went to."""
-    if not job_ids:
+def publish(settings: Settings, bells: Sequence[Doorbell], epoch: str | None = None) -> None:
+    """Send the doorbell of each (committed) queued job and record the broker epoch it went to.
+
+    Args:
+        settings: Broker and database.
+        bells: The jobs to announce.
+        epoch: The broker epoch if the caller just read it (read here otherwise).
+    """
+    if not bells:
         return
-    epoch = broker_epoch(settings)
+    epoch = epoch or broker_epoch(settings)
+    for bell in bells:
+        send_doorbell(settings, bell)
     with session_scope(settings.resolved_database_url) as session:
-        rows = session.execute(
-            select(Job.id, Job.pipeline, Job.priority).where(Job.id.in_(job_ids))
-        ).all()
-    for job_id, pipeline, priority in rows:
-        send_doorbell(settings, job_id, get_spec(pipeline), priority)
-    with session_scope(settings.resolved_database_url) as session:
-        session.execute(
+        apply_update(
+            session,
             update(Job)
-            .where(Job.id.in_(job_ids))
-            .values(broker_epoch=epoch, enqueued_at=now())
-            .execution_options(synchronize_session=False)
+            .where(Job.id.in_([bell.job_id for bell in bells]))
+            .values(broker_epoch=epoch, enqueued_at=now()),
         )
 
 
 def reap(settings: Settings) -> ReapReport:
     """Run one reaper pass (see the module docstring)."""
     report = ReapReport()
-    _recover_stale(settings, report)
+    requeued = _recover_stale(settings, report)
     epoch = broker_epoch(settings)
-    report.republished = [
-        job_id for job_id, _, _ in _unpublished(settings, epoch) if job_id not in report.requeued
-    ]
-    if report.republished:
-        log.warning("re-publishing %d queued job(s) lost by the broker", len(report.republished))
-    publish(settings, report.requeued + report.republished)
+    lost = [b for b in _unpublished(settings, epoch) if b.job_id not in report.requeued]
+    report.republished = [b.job_id for b in lost]
+    if lost:
+        log.warning("re-publishing %d queued job(s) lost by the broker", len(lost))
+    publish(settings, requeued + lost, epoch)
     return report
 
 

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from models.errors import InputRejected, InvalidParameters
 from models.registry import PipelineSpec, get_spec, validate_params
+from service.jobs.queue import Doorbell
 from service.jobs.reaper import publish
 from service.settings import Settings
 from service.store.db import session_scope
@@ -110,13 +111,17 @@ def _create_jobs(
     study_ids: Sequence[str],
     priority: int,
     cohort_id: str | None,
-) -> list[str]:
+) -> list[Doorbell]:
     if not series_ids and not study_ids:
         raise InvalidParameters("give a series_id or a study_id (or lists of them)")
     targets = [get_series(session, tenant_id, sid) for sid in series_ids]
     targets += [series_of_study(session, tenant_id, sid, spec) for sid in study_ids]
     return [
-        add_job(session, tenant_id, series, spec, params, priority, cohort_id).id
+        Doorbell(
+            add_job(session, tenant_id, series, spec, params, priority, cohort_id).id,
+            spec.name,
+            priority,
+        )
         for series in targets
     ]
 
@@ -141,9 +146,9 @@ def submit_jobs(
     """
     spec, full = _checked(pipeline, params, priority)
     with session_scope(settings.resolved_database_url) as session:
-        ids = _create_jobs(session, tenant_id, spec, full, series_ids, study_ids, priority, None)
-    publish(settings, ids)
-    return ids
+        bells = _create_jobs(session, tenant_id, spec, full, series_ids, study_ids, priority, None)
+    publish(settings, bells)
+    return [bell.job_id for bell in bells]
 
 
 def submit_cohort(
@@ -167,8 +172,8 @@ def submit_cohort(
         session.add(cohort)
         session.flush()
         cohort_id = cohort.id
-        ids = _create_jobs(
+        bells = _create_jobs(
             session, tenant_id, spec, full, series_ids, study_ids, priority, cohort_id
         )
-    publish(settings, ids)
+    publish(settings, bells)
     return cohort_id

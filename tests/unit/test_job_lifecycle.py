@@ -22,16 +22,28 @@ def _seed(settings: Any, priorities: list[int]) -> list[str]:
         study = Study(tenant_id=tenant.id, study_instance_uid="1.2.3")
         s.add(study)
         s.flush()
-        series = Series(study_id=study.id, series_instance_uid="1.2.3.4", kind="dicom",
-                        modality="CT")
+        series = Series(
+            study_id=study.id, series_instance_uid="1.2.3.4", kind="dicom", modality="CT"
+        )
         s.add(series)
         s.flush()
         ids = []
         for i, p in enumerate(priorities):
-            job = Job(tenant_id=tenant.id, series_id=series.id, pipeline="zeroshot-denoise",
-                      pipeline_version="1.0.0", params={}, priority=p, queue="gpu",
-                      created_at=time.time() + i * 1e-3, messages=[], outputs={},
-                      measurements={}, broker_epoch="sqla", enqueued_at=time.time())
+            job = Job(
+                tenant_id=tenant.id,
+                series_id=series.id,
+                pipeline="zeroshot-denoise",
+                pipeline_version="1.0.0",
+                params={},
+                priority=p,
+                queue="gpu",
+                created_at=time.time() + i * 1e-3,
+                messages=[],
+                outputs={},
+                measurements={},
+                broker_epoch="sqla",
+                enqueued_at=time.time(),
+            )
             s.add(job)
             s.flush()
             ids.append(job.id)
@@ -76,7 +88,7 @@ def test_reaper_requeues_a_lost_worker_once_then_fails(store_settings: Any) -> N
     (job_id,) = _seed(settings, [5])
     sent: list[str] = []
     original = reaper.publish
-    reaper.publish = lambda _s, ids: sent.extend(ids)  # type: ignore[assignment]
+    reaper.publish = lambda _s, bells, _e=None: sent.extend(b.job_id for b in bells)  # type: ignore[assignment]
     try:
         first = lifecycle.claim(settings, job_id)
         assert first is not None
@@ -124,7 +136,7 @@ def test_reaper_republishes_jobs_of_an_older_broker_epoch(store_settings: Any) -
         old.broker_epoch, old.enqueued_at, old.created_at = "lost-epoch", 1.0, 1.0
     sent: list[str] = []
     original = reaper.publish
-    reaper.publish = lambda _s, job_ids: sent.extend(job_ids)  # type: ignore[assignment]
+    reaper.publish = lambda _s, bells, _e=None: sent.extend(b.job_id for b in bells)  # type: ignore[assignment]
     try:
         report = reaper.reap(store_settings)
     finally:
