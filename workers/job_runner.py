@@ -15,15 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from service.store.studies import get_series, series_input_path
 
 from models.errors import Cancelled, VoxelgateError
+from models.provenance import file_sha256
 from models.registry import get_spec
+from service.io.atomic import atomic_file
 from service.jobs import lifecycle
 from service.jobs.lifecycle import Claim
 from service.settings import Settings
 from service.store.blobs import BlobStore, blob_store
 from service.store.db import session_scope
+from service.store.studies import get_series, series_input_path
 from workers.job_progress import JobProgress, OwnershipLost
 from workers.runner import LocalJob, run_local
 
@@ -45,12 +47,10 @@ def _media_type(name: str) -> str:
 
 
 def _zip_folder(folder: Path, dest: Path) -> None:
-    tmp = dest.with_name(f".{dest.name}.part")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+    with atomic_file(dest) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(folder.rglob("*")):
             if path.is_file():
                 zf.write(path, path.relative_to(folder).as_posix())
-    tmp.replace(dest)
 
 
 def index_outputs(blobs: BlobStore, out_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
@@ -60,8 +60,6 @@ def index_outputs(blobs: BlobStore, out_dir: Path, record: dict[str, Any]) -> di
         ``{name: {"key", "size", "sha256", "media_type"}}``; sha256 is that of result.json's
         listing for files, and of the zip itself for DICOM series zips.
     """
-    from models.provenance import file_sha256
-
     dicom_root = out_dir / "dicom"
     if dicom_root.is_dir():
         for series_dir in sorted(p for p in dicom_root.iterdir() if p.is_dir()):
@@ -90,7 +88,9 @@ def _execute(settings: Settings, claim: Claim, progress: JobProgress) -> None:
         out_dir,
         claim.params,
         series_uid=None,  # the stored series folder holds this series only
-        allow_missing_study_uid=True,  # empty StudyInstanceUIDs were given derived ones at ingest
+        # Stored files keep their StudyInstanceUID as uploaded, possibly empty (ingest records a
+        # derived UID in the store only); then the derived output series gets a new study UID.
+        allow_missing_study_uid=True,
     )
     try:
         record = run_local(job, progress)
