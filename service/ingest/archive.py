@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 
 from models.errors import InputRejected
 from service.errors import PayloadTooLarge
+from service.io.dicom_files import has_dicm_preamble
 from service.settings import Settings
 
 CHUNK_BYTES = 1024 * 1024
@@ -66,11 +67,11 @@ def looks_like_zip(path: Path) -> bool:
     A DICOM file has a free 128-byte preamble that may itself start with ``PK``; the ``DICM``
     marker at byte 128 wins.
     """
-    with path.open("rb") as handle:
-        head = handle.read(132)
-    if len(head) == 132 and head[128:] == b"DICM":
+    if has_dicm_preamble(path):
         return False
-    return head[:4] in (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    return head in (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
 
 
 def safe_member_parts(name: str, label: str) -> tuple[str, ...] | None:

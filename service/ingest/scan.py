@@ -33,6 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from models.errors import InputRejected
+from models.provenance import file_sha256
 from models.volume import from_ijk_order, ras_to_lps
 from service.ingest.geometry import geometry_summary
 from service.io.dicom_files import _str, has_dicm_preamble
@@ -125,15 +126,6 @@ def derive_uid(purpose: str, *fields: str) -> str:
     """Deterministic DICOM UID ``2.25.<int>`` from ``fields`` (128 bits of their SHA-256)."""
     digest = hashlib.sha256("\x1f".join((purpose, *fields)).encode()).digest()
     return f"2.25.{int.from_bytes(digest[:16], 'big')}"
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def scan_file(path: Path, tenant_id: str, label: str | None = None) -> ScannedFile | None:

@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models.errors import InputRejected
+from models.provenance import file_sha256
 from service.errors import Conflict, NotFound
 from service.ingest.geometry import dicom_series_geometry
 from service.ingest.grouping import (
@@ -38,7 +39,7 @@ from service.ingest.grouping import (
     group_studies,
     scan_upload,
 )
-from service.ingest.scan import ScannedFile, file_sha256, scan_file
+from service.ingest.scan import ScannedFile, scan_file
 from service.settings import Settings
 from service.store.blobs import BlobStore, instance_file_name
 from service.store.tables import Instance, Series, Study, new_id, now
