@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ValidationError
 
@@ -24,6 +24,10 @@ from models.volume import Volume
 
 PipelineFn = Callable[[Mapping[str, Volume], Any, ProgressCallback], Result]
 """``run(inputs, params, progress) -> Result``: the signature every factory returns."""
+
+Queue = Literal["gpu", "cpu"]
+"""Worker queues: ``gpu`` for pipelines that benefit from CUDA, ``cpu`` for the rest."""
+QUEUES: tuple[str, ...] = get_args(Queue)
 
 CARDS_DIR = Path(__file__).resolve().parent / "cards"
 
@@ -67,7 +71,7 @@ class PipelineSpec:
     summary: str
     inputs: tuple[InputSpec, ...]
     outputs: tuple[str, ...]
-    queue: Literal["gpu", "cpu"]
+    queue: Queue
     params_model: type[BaseModel]
     factory: str
     model_card: str

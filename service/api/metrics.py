@@ -27,10 +27,10 @@ from prometheus_client.utils import floatToGoString
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
+from models.registry import QUEUES
+from service.jobs.lifecycle import STATES
 from service.store.tables import Job, now
 
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-QUEUES = ("gpu", "cpu")
 DURATION_BUCKETS_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0,
                       3600.0, 7200.0)  # fmt: skip
 
@@ -85,7 +85,7 @@ class StoreCollector(Collector):
 
     def _state_metric(self) -> Metric:
         rows = self._session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
-        counts = dict.fromkeys(JOB_STATES, 0) | {state: int(n) for state, n in rows}
+        counts = dict.fromkeys(STATES, 0) | {state: int(n) for state, n in rows}
         family = GaugeMetricFamily("voxelgate_jobs", "Jobs in each state.", labels=["state"])
         for state, n in counts.items():
             family.add_metric([state], n)

@@ -19,9 +19,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.errors import NotFound
+from service.jobs.lifecycle import STATES
 from service.store.tables import Cohort, Job, Series
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 CSV_COLUMNS = (
     "job_id",

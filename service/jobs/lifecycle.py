@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast, get_args
 
 from sqlalchemy import CursorResult, Update, select, update
 from sqlalchemy.orm import Session
@@ -28,6 +28,9 @@ from service.store.tables import Job, new_id, now
 
 log = logging.getLogger(__name__)
 
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+"""The states of a job, in lifecycle order."""
+STATES: tuple[str, ...] = get_args(JobState)
 TERMINAL = ("succeeded", "failed", "cancelled")
 _CLAIM_CANDIDATES = 20
 _MAX_MESSAGES = 50

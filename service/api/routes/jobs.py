@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse
@@ -13,6 +13,7 @@ from service.api.deps import Principal, get_app_settings, get_blobs, get_princip
 from service.api.schemas import JobRequest
 from service.errors import NotFound
 from service.jobs.control import cancel_job, get_job, job_view, retry_job
+from service.jobs.lifecycle import JobState
 from service.jobs.submit import submit_jobs
 from service.settings import Settings
 from service.store.blobs import BlobStore
@@ -20,8 +21,6 @@ from service.store.db import session_scope
 from service.store.tables import Job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 def _view(settings: Settings, tenant_id: str, job_id: str) -> dict[str, Any]:
