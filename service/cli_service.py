@@ -106,17 +106,13 @@ def cmd_db_upgrade(_: argparse.Namespace) -> int:
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
     """Create an API key for a tenant (the tenant is created if new); print the key once."""
-    from service.store.auth import create_api_key, create_tenant
+    from service.store.auth import create_api_key, ensure_tenant
     from service.store.db import session_scope, upgrade_schema
-    from service.store.tables import Tenant
 
     url = get_settings().resolved_database_url
     upgrade_schema(url)
     with session_scope(url) as session:
-        tenant = session.query(Tenant).filter(Tenant.name == args.tenant).one_or_none()
-        if tenant is None:
-            tenant = create_tenant(session, args.tenant)
-        key = create_api_key(session, tenant.id, args.label)
+        key = create_api_key(session, ensure_tenant(session, args.tenant).id, args.label)
     print(key)
     return 0
 
