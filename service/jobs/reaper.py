@@ -4,7 +4,9 @@ Two kinds of loss, both decided from the job rows (the source of truth):
 
 * a **lost worker**: a running job whose heartbeat is older than ``heartbeat_timeout_s``. It
   is queued again while ``attempts < max_attempts`` (a killed worker's job runs exactly once
-  more), else failed with ``worker_lost``. A job whose cancellation was requested is cancelled.
+  more), else failed with ``worker_lost``. A job whose cancellation was requested is cancelled;
+  one whose attempt has outlived the pipeline's hard time limit (Celery killed it) is failed
+  with ``time_limit`` rather than run again.
 * a **lost message**: a queued job whose doorbell was published under an older broker epoch
   (Redis restarted without persistence), or never published (the gateway died between the
   commit and the publish). Its doorbell is sent again.
@@ -19,11 +21,13 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import or_, select, update
 
+from models.registry import all_specs
 from service.jobs.lifecycle import add_message, apply_update
-from service.jobs.queue import Doorbell, broker_epoch, send_doorbell
+from service.jobs.queue import Doorbell, broker_epoch, send_doorbell, time_limits
 from service.settings import Settings
 from service.store.db import session_scope
 from service.store.tables import Job, now
@@ -44,8 +48,35 @@ class ReapReport:
     republished: list[str] = field(default_factory=list)
 
 
+def _hard_limit_s(settings: Settings, pipeline: str) -> float | None:
+    spec = next((s for s in all_specs() if s.name == pipeline), None)
+    return None if spec is None else float(time_limits(spec, settings)[1])
+
+
+def _verdict(
+    settings: Settings, attempts: int, cancel: bool, pipeline: str, started_at: float | None
+) -> tuple[str, dict[str, Any], str]:
+    """What becomes of a running job whose heartbeat went stale: (report list, values, text)."""
+    hard = _hard_limit_s(settings, pipeline)
+    if cancel:
+        values = {"state": "cancelled", "run_token": ""}
+        return "cancelled", values, "cancelled (its worker was lost)"
+    if hard is not None and started_at is not None and now() - started_at > hard:
+        # Celery's hard time limit killed the attempt: running it again would only repeat that.
+        error = f"{pipeline} exceeded its hard time limit of {hard:.0f} s"
+        values = {"state": "failed", "error_code": "time_limit", "error": error}
+        return "failed", values, f"attempt {attempts} killed at the hard time limit; failed"
+    if attempts < settings.max_attempts:
+        values = {"state": "queued", "run_token": "", "worker": "", "step": "re-queued"}
+        return "requeued", values, f"worker lost during attempt {attempts}; queued again"
+    error = f"the worker was lost during attempt {attempts} of {settings.max_attempts}"
+    values = {"state": "failed", "error_code": "worker_lost", "error": error}
+    return "failed", values, f"worker lost during attempt {attempts}; failed"
+
+
 def _recover_stale(settings: Settings, report: ReapReport) -> list[Doorbell]:
     cutoff = now() - settings.heartbeat_timeout_s
+    requeued: list[Doorbell] = []
     with session_scope(settings.resolved_database_url) as session:
         stale = session.execute(
             select(
@@ -55,36 +86,23 @@ def _recover_stale(settings: Settings, report: ReapReport) -> list[Doorbell]:
                 Job.cancel_requested,
                 Job.pipeline,
                 Job.priority,
+                Job.started_at,
             )
             .where(Job.state == "running", Job.heartbeat_at < cutoff)
             .limit(_BATCH)
         ).all()
-        requeued: list[Doorbell] = []
-        for job_id, token, attempts, cancel, pipeline, priority in stale:
+        for job_id, token, attempts, cancel, pipeline, priority, started_at in stale:
+            kind, values, text = _verdict(settings, attempts, cancel, pipeline, started_at)
+            if values["state"] != "queued":
+                values["finished_at"] = now()
             owned = (Job.id == job_id, Job.run_token == token, Job.state == "running")
-            if cancel:
-                values = {"state": "cancelled", "finished_at": now(), "run_token": ""}
-                target, text = report.cancelled, "cancelled (its worker was lost)"
-            elif attempts < settings.max_attempts:
-                values = {"state": "queued", "run_token": "", "worker": "", "step": "re-queued"}
-                target = report.requeued
-                text = f"worker lost during attempt {attempts}; queued again"
-            else:
-                values = {
-                    "state": "failed",
-                    "finished_at": now(),
-                    "error_code": "worker_lost",
-                    "error": f"the worker was lost during attempt {attempts} of "
-                    f"{settings.max_attempts}",
-                }
-                target, text = report.failed, f"worker lost during attempt {attempts}; failed"
-            won = apply_update(session, update(Job).where(*owned).values(**values))
-            if won == 1:
-                add_message(session, job_id, text)
-                target.append(job_id)
-                log.warning("job %s: %s", job_id, text)
-                if target is report.requeued:
-                    requeued.append(Doorbell(job_id, pipeline, priority))
+            if apply_update(session, update(Job).where(*owned).values(**values)) != 1:
+                continue
+            add_message(session, job_id, text)
+            getattr(report, kind).append(job_id)
+            log.warning("job %s: %s", job_id, text)
+            if kind == "requeued":
+                requeued.append(Doorbell(job_id, pipeline, priority))
     return requeued
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from models.registry import get_spec
 from service.errors import Conflict
 from service.jobs import lifecycle, reaper
 from service.jobs.control import cancel_job
@@ -111,6 +112,24 @@ def test_reaper_requeues_a_lost_worker_once_then_fails(store_settings: Any) -> N
     assert job.error_code == "worker_lost"
     assert job.attempts == 2
     assert not lifecycle.finish(settings, second, "succeeded")
+
+
+def test_reaper_fails_an_attempt_killed_at_the_hard_time_limit(store_settings: Any) -> None:
+    settings = store_settings.model_copy(update={"heartbeat_timeout_s": 0.2, "max_attempts": 2})
+    (job_id,) = _seed(settings, [5])
+    claim = lifecycle.claim(settings, job_id)
+    assert claim is not None
+    spec = get_spec("zeroshot-denoise")
+    with session_scope(settings.resolved_database_url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.started_at = time.time() - spec.time_limit_s - settings.time_limit_grace_s - 1
+        job.heartbeat_at = time.time() - 1
+    report = reaper.reap(settings)
+    assert report.failed == [job_id]
+    assert report.requeued == []
+    job = _job(settings, job_id)
+    assert (job.state, job.error_code, job.attempts) == ("failed", "time_limit", 1)
 
 
 def test_cancel_queued_at_once_running_cooperatively(store_settings: Any) -> None:
