@@ -134,3 +134,23 @@ def store_settings(request, tmp_path: Path):  # type: ignore[no-untyped-def]
         settings = Settings(data_dir=tmp_path / "vg-data", database_url=url)
     upgrade_schema(settings.resolved_database_url)
     return settings
+
+
+def seed_series(url: str, tenant_name: str = "clinic", modality: str = "CT") -> tuple[str, str]:
+    """Insert a tenant, a study and a DICOM series row; return (tenant id, series id)."""
+    from service.store.db import session_scope
+    from service.store.tables import Series, Study, Tenant
+
+    with session_scope(url) as s:
+        tenant = Tenant(name=tenant_name)
+        s.add(tenant)
+        s.flush()
+        study = Study(tenant_id=tenant.id, study_instance_uid="2.25.1")
+        s.add(study)
+        s.flush()
+        series = Series(
+            study_id=study.id, series_instance_uid="2.25.2", kind="dicom", modality=modality
+        )
+        s.add(series)
+        s.flush()
+        return tenant.id, series.id

@@ -12,27 +12,18 @@ from service.errors import Conflict
 from service.jobs import lifecycle, reaper
 from service.jobs.control import cancel_job
 from service.store.db import session_scope
-from service.store.tables import Job, Series, Study, Tenant
+from service.store.tables import Job
+from tests.conftest import seed_series
 
 
 def _seed(settings: Any, priorities: list[int]) -> list[str]:
+    tenant_id, series_id = seed_series(settings.resolved_database_url)
     with session_scope(settings.resolved_database_url) as s:
-        tenant = Tenant(name="t")
-        s.add(tenant)
-        s.flush()
-        study = Study(tenant_id=tenant.id, study_instance_uid="1.2.3")
-        s.add(study)
-        s.flush()
-        series = Series(
-            study_id=study.id, series_instance_uid="1.2.3.4", kind="dicom", modality="CT"
-        )
-        s.add(series)
-        s.flush()
         ids = []
         for i, p in enumerate(priorities):
             job = Job(
-                tenant_id=tenant.id,
-                series_id=series.id,
+                tenant_id=tenant_id,
+                series_id=series_id,
                 pipeline="zeroshot-denoise",
                 pipeline_version="1.0.0",
                 params={},

@@ -10,26 +10,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.metrics import DURATION_BUCKETS_S, INGEST_BYTES, render_metrics
 from service.store.db import session_scope
-from service.store.tables import Job, Series, Study, Tenant
+from service.store.tables import Job
+from tests.conftest import seed_series
 
 
 @pytest.fixture
 def url(store_settings) -> str:  # type: ignore[no-untyped-def]
     return store_settings.resolved_database_url
-
-
-def _series(url: str) -> tuple[str, str]:
-    with session_scope(url) as s:
-        tenant = Tenant(name="clinic")
-        s.add(tenant)
-        s.flush()
-        study = Study(tenant_id=tenant.id, study_instance_uid="2.25.1")
-        s.add(study)
-        s.flush()
-        series = Series(study_id=study.id, series_instance_uid="2.25.2", kind="dicom")
-        s.add(series)
-        s.flush()
-        return tenant.id, series.id
 
 
 def _jobs(url: str, tenant_id: str, series_id: str, specs: list[dict[str, Any]]) -> None:
@@ -67,7 +54,7 @@ def test_empty_store_reports_zeros(url: str) -> None:
 
 
 def test_figures_match_the_rows(url: str) -> None:
-    tenant_id, series_id = _series(url)
+    tenant_id, series_id = seed_series(url)
     t0 = 1_700_000_000.0
     durations_denoise = [0.5, 1.0, 45.0, 4000.0, 9000.0]
     durations_sparse = [12.25]
@@ -155,7 +142,7 @@ def test_ingest_counter_is_exported(url: str) -> None:
 
 
 def test_scrape_reads_the_store_each_time(url: str) -> None:
-    tenant_id, series_id = _series(url)
+    tenant_id, series_id = seed_series(url)
     _jobs(url, tenant_id, series_id, [{"state": "queued"}])
     key = ("voxelgate_queue_depth", (("queue", "cpu"),))
     assert _scrape(url)["voxelgate_queue_depth"][key] == 1
