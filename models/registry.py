@@ -28,6 +28,10 @@ PipelineFn = Callable[[Mapping[str, Volume], Any, ProgressCallback], Result]
 Queue = Literal["gpu", "cpu"]
 """Worker queues: ``gpu`` for pipelines that benefit from CUDA, ``cpu`` for the rest."""
 QUEUES: tuple[str, ...] = get_args(Queue)
+IO_QUEUE = "io"
+"""Queue of network work that needs no torch: deliveries to DICOM nodes, PACS cohort fetches."""
+WORKER_QUEUES: tuple[str, ...] = (*QUEUES, IO_QUEUE)
+"""Every queue a worker can serve (``voxelgate serve`` runs one worker on all of them)."""
 
 CARDS_DIR = Path(__file__).resolve().parent / "cards"
 

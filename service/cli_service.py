@@ -15,6 +15,7 @@ import subprocess
 import sys
 from typing import Any
 
+from models.registry import WORKER_QUEUES
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("voxelgate")
@@ -79,7 +80,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     upgrade_schema(settings.resolved_database_url)
     prepare_broker(settings)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker", "--queues", "gpu,cpu", "--name", "embedded"]
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "worker",
+            "--queues",
+            ",".join(WORKER_QUEUES),
+            "--name",
+            "embedded",
+        ]
     )
     log.info(
         "embedded worker started (pid %d); broker %s",
@@ -128,7 +138,11 @@ def add_service_commands(sub: Any) -> None:
         p.add_argument("--port", type=int, help="port (default from settings: 8000)")
         p.set_defaults(func=func)
     p_worker = sub.add_parser("worker", help="queue worker (Celery)")
-    p_worker.add_argument("--queues", default="gpu,cpu", help="comma-separated: gpu, cpu")
+    p_worker.add_argument(
+        "--queues",
+        default=",".join(WORKER_QUEUES),
+        help="comma-separated: gpu, cpu (pipelines), io (deliveries, PACS fetches)",
+    )
     p_worker.add_argument("--concurrency", type=int, default=0, help="jobs at once")
     p_worker.add_argument("--loglevel", default="INFO")
     p_worker.add_argument("--name", default="1", help="suffix of the worker's node name")

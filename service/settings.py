@@ -71,6 +71,25 @@ class Settings(BaseSettings):
         60, ge=1, description="hard time limit = the pipeline's soft limit + this"
     )
 
+    # DICOM networking and delivery (nodes, listener and routing rules: see service.dicom.config)
+    dicom_config: Path | None = Field(
+        None,
+        description="TOML file with the DICOM listener, the configured nodes and the routing "
+        "rules; none: a listener with no known peers and no rules",
+    )
+    delivery_max_attempts: int = Field(
+        5, ge=1, le=50, description="sends of one job's outputs to one node at most"
+    )
+    delivery_backoff_s: float = Field(
+        10.0, gt=0.0, description="wait before the second send; doubles each time after"
+    )
+    delivery_backoff_max_s: float = Field(
+        600.0, gt=0.0, description="longest wait between two sends of one delivery"
+    )
+    dimse_timeout_s: float = Field(
+        60.0, gt=0.0, description="network, ACSE and DIMSE timeout of our DICOM associations"
+    )
+
     @property
     def resolved_database_url(self) -> str:
         """SQLAlchemy URL of the job store."""

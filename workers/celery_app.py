@@ -1,6 +1,6 @@
 """The Celery application of the workers (configuration shared with the gateway's producer).
 
-Start with ``voxelgate worker --queues gpu,cpu`` (or ``celery -A workers.celery_app worker``).
+Start with ``voxelgate worker --queues gpu,cpu,io`` (or ``celery -A workers.celery_app worker``).
 Each worker process limits torch to ``torch_threads`` threads (default: cores / concurrency, so
 that workers x threads never exceeds the cores), and the main process runs the reaper.
 """
@@ -20,7 +20,7 @@ from service.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-app = Celery("voxelgate", include=["workers.tasks"])
+app = Celery("voxelgate", include=["workers.tasks", "workers.io_tasks", "workers.pacs_tasks"])
 app.conf.update(celery_config(get_settings()))
 
 _reaper: Reaper | None = None

@@ -40,6 +40,7 @@ class SeriesGroup:
         modality: Modality code.
         description: SeriesDescription (NIfTI: the file name).
         series_number: SeriesNumber or ``None``.
+        body_part: BodyPartExamined of the first file (``""`` when absent).
         files: The scanned files, in upload order.
         geometry: Geometry summary (:mod:`service.ingest.geometry`).
     """
@@ -50,6 +51,7 @@ class SeriesGroup:
     modality: str
     description: str
     series_number: int | None
+    body_part: str = ""
     files: list[ScannedFile] = field(default_factory=list)
     geometry: dict[str, Any] = field(default_factory=dict)
 
@@ -152,6 +154,7 @@ def group_studies(scanned: Sequence[ScannedFile], nifti_modality: str = "") -> l
                 modality=modality,
                 description=item.description,
                 series_number=item.series_number,
+                body_part=item.body_part,
             )
             study.series[item.series_uid] = series
         series.uid_derived = series.uid_derived or bool(item.derived)

@@ -72,6 +72,7 @@ class ScannedFile:
         patient_key: Keyed hash of PatientID + PatientName (``""`` for NIfTI).
         modality: Modality code.
         description: SeriesDescription (NIfTI: the upload file name).
+        body_part: BodyPartExamined (``""`` when absent; NIfTI: ``""``).
         study_date: StudyDate ``YYYYMMDD`` or ``""``.
         series_number: SeriesNumber or ``None``.
         slices: Slice geometry (DICOM images), or ``None`` with ``geometry_error`` set.
@@ -93,6 +94,7 @@ class ScannedFile:
     patient_key: str = ""
     modality: str = ""
     description: str = ""
+    body_part: str = ""
     study_date: str = ""
     series_number: int | None = None
     slices: list[_Slice] | None = None
@@ -271,6 +273,7 @@ def _scan_dicom(path: Path, label: str, size: int, tenant_id: str) -> ScannedFil
         patient_key=pkey,
         modality=_str(ds, "Modality")[:16] or "OT",
         description=_str(ds, "SeriesDescription")[:64],
+        body_part=_str(ds, "BodyPartExamined")[:64],
         study_date=_str(ds, "StudyDate")[:8],
         series_number=_series_number(ds),
         slices=slices,

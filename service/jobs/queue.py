@@ -21,12 +21,14 @@ from typing import Any, NamedTuple
 
 from celery import Celery
 
-from models.registry import PipelineSpec, all_specs, get_spec
+from models.registry import IO_QUEUE, PipelineSpec, all_specs, get_spec
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 RUN_JOB_TASK = "voxelgate.run_job"
+DELIVER_TASK = "voxelgate.deliver"
+FETCH_COHORT_TASK = "voxelgate.fetch_cohort"
 _EPOCH_KEY = "voxelgate:broker-epoch"
 _SQLA_EPOCH = "sqla"
 
@@ -118,6 +120,11 @@ def send_doorbell(settings: Settings, bell: Doorbell) -> None:
         soft_time_limit=soft,
         time_limit=hard,
     )
+
+
+def send_io_task(settings: Settings, task: str, arg: str, countdown_s: float | None = None) -> None:
+    """Publish ``task(arg)`` on the io queue (a delivery or cohort-fetch id; after the commit)."""
+    producer(settings).send_task(task, args=[arg], queue=IO_QUEUE, countdown=countdown_s)
 
 
 _REDIS_CLIENTS: dict[str, Any] = {}

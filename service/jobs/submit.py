@@ -65,8 +65,12 @@ def add_job(
     priority: int,
     cohort_id: str | None = None,
     retry_of: str | None = None,
+    destinations: Sequence[str] = (),
 ) -> Job:
-    """Insert one queued job row (not yet published)."""
+    """Insert one queued job row (not yet published).
+
+    ``destinations`` are configured DICOM node names its DICOM outputs go to once it succeeds.
+    """
     check_input(spec, series)
     job = Job(
         tenant_id=tenant_id,
@@ -82,6 +86,7 @@ def add_job(
         messages=[],
         outputs={},
         measurements={},
+        deliver_to=list(destinations),
     )
     session.add(job)
     session.flush()
@@ -111,6 +116,7 @@ def _create_jobs(
     study_ids: Sequence[str],
     priority: int,
     cohort_id: str | None,
+    destinations: Sequence[str] = (),
 ) -> list[Doorbell]:
     if not series_ids and not study_ids:
         raise InvalidParameters("give a series_id or a study_id (or lists of them)")
@@ -118,7 +124,9 @@ def _create_jobs(
     targets += [series_of_study(session, tenant_id, sid, spec) for sid in study_ids]
     return [
         Doorbell(
-            add_job(session, tenant_id, series, spec, params, priority, cohort_id).id,
+            add_job(
+                session, tenant_id, series, spec, params, priority, cohort_id, None, destinations
+            ).id,
             spec.name,
             priority,
         )
@@ -135,18 +143,23 @@ def submit_jobs(
     series_ids: Sequence[str] = (),
     study_ids: Sequence[str] = (),
     priority: int = PRIORITY_DEFAULT,
+    destinations: Sequence[str] = (),
 ) -> list[str]:
     """Create one job per series (or per study's fitting series) and enqueue them.
 
     Everything is validated before anything is written: an unknown pipeline, bad parameters,
     an unknown or deleted series/study or a modality mismatch refuses the whole submission.
+    ``destinations`` (configured DICOM node names) receive each job's DICOM outputs once it
+    succeeds; the caller checks that they exist.
 
     Returns:
         The new job ids, in the order of the targets.
     """
     spec, full = _checked(pipeline, params, priority)
     with session_scope(settings.resolved_database_url) as session:
-        bells = _create_jobs(session, tenant_id, spec, full, series_ids, study_ids, priority, None)
+        bells = _create_jobs(
+            session, tenant_id, spec, full, series_ids, study_ids, priority, None, destinations
+        )
     publish(settings, bells)
     return [bell.job_id for bell in bells]
 

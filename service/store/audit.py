@@ -14,7 +14,24 @@ from sqlalchemy.orm import Session
 
 from service.store.tables import AuditEvent
 
-ACTIONS = frozenset({"upload", "delete", "submit", "cancel", "retry", "download", "cohort"})
+ACTIONS = frozenset(
+    {
+        "upload",
+        "delete",
+        "submit",
+        "cancel",
+        "retry",
+        "download",
+        "cohort",
+        # DICOM networking: instances received (C-STORE / STOW-RS), retrieved from a node,
+        # routing decisions, and deliveries of outputs to a node
+        "receive",
+        "retrieve",
+        "route",
+        "route_skip",
+        "deliver",
+    }
+)
 _FORBIDDEN_KEY_PARTS = ("patient", "name", "birth", "address", "phone")
 _Scalar = str | int | float | bool | None
 

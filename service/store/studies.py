@@ -59,6 +59,8 @@ class IngestReport:
         bytes_stored: Bytes of the files stored by this call.
         series_ids: Series the upload went to, in upload order.
         duplicates_differing: Duplicates whose content differs from the kept file.
+        series_stored: Files stored by this call per series id (0 for a series that only got
+            duplicates).
     """
 
     study_ids: list[str]
@@ -67,6 +69,7 @@ class IngestReport:
     bytes_stored: int
     series_ids: list[str] = field(default_factory=list)
     duplicates_differing: int = 0
+    series_stored: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -85,6 +88,7 @@ def ingest_files(
     settings: Settings,
     *,
     nifti_modality: str = "",
+    source: str = "upload",
 ) -> IngestReport:
     """Validate, group and store the files of one upload.
 
@@ -97,6 +101,8 @@ def ingest_files(
         settings: Service settings (kept for future limits; the upload limits apply earlier).
         nifti_modality: Modality code of NIfTI files (e.g. ``"CT"``); ``""``: from the file's
             voxelgate header extension, else ``"OT"``.
+        source: How a new study arrived: ``"upload"`` (REST), ``"dimse"`` (C-STORE),
+            ``"stow"`` (STOW-RS), ``"pacs"`` (retrieved by C-GET/C-MOVE/WADO-RS).
 
     Returns:
         The :class:`IngestReport`.
@@ -114,7 +120,7 @@ def ingest_files(
     written = _Written()
     try:
         with session.begin_nested():
-            report = _store_groups(session, blobs, tenant_id, groups, written)
+            report = _store_groups(session, blobs, tenant_id, groups, written, source)
             session.flush()
     except IntegrityError as exc:
         _discard(blobs, written)
@@ -146,10 +152,11 @@ def _store_groups(
     tenant_id: str,
     groups: Sequence[StudyGroup],
     written: _Written,
+    source: str,
 ) -> IngestReport:
     report = IngestReport(study_ids=[], instances_stored=0, instances_duplicate=0, bytes_stored=0)
     for group in groups:
-        study = _study_row(session, tenant_id, group, written)
+        study = _study_row(session, tenant_id, group, written, source)
         report.study_ids.append(study.id)
         for series_group in group.series.values():
             series = _series_row(session, study, series_group)
@@ -160,7 +167,9 @@ def _store_groups(
     return report
 
 
-def _study_row(session: Session, tenant_id: str, group: StudyGroup, written: _Written) -> Study:
+def _study_row(
+    session: Session, tenant_id: str, group: StudyGroup, written: _Written, source: str
+) -> Study:
     """The study row of a group: existing (checked, revived if deleted) or new."""
     study = session.scalars(
         select(Study).where(
@@ -174,6 +183,7 @@ def _study_row(session: Session, tenant_id: str, group: StudyGroup, written: _Wr
             study_instance_uid=group.study_uid,
             patient_key=group.patient_key,
             study_date=group.study_date,
+            source=source,
             uid_derived=group.uid_derived,
         )
         session.add(study)
@@ -206,6 +216,7 @@ def _series_row(session: Session, study: Study, group: SeriesGroup) -> Series:
             kind=group.kind,
             modality=group.modality,
             description=group.description,
+            body_part=group.body_part,
             geometry=group.geometry,
             uid_derived=group.uid_derived,
         )
@@ -237,6 +248,7 @@ def _store_instances(
     stored = {uid: sha for uid, sha in rows}
     known = dict(stored)
     added = 0
+    report.series_stored.setdefault(series.id, 0)
     for item in group.files:
         if item.sop_instance_uid in known:
             report.instances_duplicate += 1
@@ -260,6 +272,7 @@ def _store_instances(
         )
         known[item.sop_instance_uid] = item.sha256
         added += 1
+        report.series_stored[series.id] = report.series_stored.get(series.id, 0) + 1
         report.instances_stored += 1
         report.bytes_stored += item.size
     if added and not stored:

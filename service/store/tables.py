@@ -99,6 +99,7 @@ class Series(Base):
     kind: Mapped[str] = mapped_column(String(8))  # "dicom" | "nifti"
     modality: Mapped[str] = mapped_column(String(16), default="")
     description: Mapped[str] = mapped_column(String(64), default="")
+    body_part: Mapped[str] = mapped_column(String(64), default="", server_default="")
     geometry: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     uid_derived: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[float] = mapped_column(Float, default=now)
@@ -111,7 +112,7 @@ class Instance(Base):
     __table_args__ = (UniqueConstraint("series_id", "sop_instance_uid"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     series_id: Mapped[str] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
-    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     blob_key: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
@@ -127,6 +128,14 @@ class Cohort(Base):
     pipeline: Mapped[str] = mapped_column(String(64))
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[float] = mapped_column(Float, default=now)
+    # A cohort defined by a PACS query (empty for a list of series/studies): the node asked, the
+    # query as data, and the state of fetching its studies ("" | queued | fetching | done |
+    # failed), with the error of a failed fetch and the priority/destinations its jobs get.
+    source_node: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    source_query: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    fetch_state: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    fetch_error: Mapped[str] = mapped_column(Text, default="", server_default="")
+    fetch_detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class Job(Base):
@@ -163,6 +172,7 @@ class Job(Base):
     broker_epoch: Mapped[str] = mapped_column(String(32), default="")
     outputs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     measurements: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    deliver_to: Mapped[list[str]] = mapped_column(JSON, default=list)
     created_at: Mapped[float] = mapped_column(Float, default=now)
     enqueued_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -182,3 +192,30 @@ class AuditEvent(Base):
     resource: Mapped[str] = mapped_column(String(16))
     resource_id: Mapped[str] = mapped_column(String(64))
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Delivery(Base):
+    """Sending one job's DICOM outputs to one configured node; the source of truth of its state.
+
+    One row per (job, node): pushing again to the same node reuses the row (idempotent). States:
+    ``waiting`` (job not finished yet), ``pending`` (due at ``next_attempt_at``), ``sending``
+    (claimed by ``run_token``), ``delivered``, ``failed`` (attempts spent or job did not succeed).
+    """
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("job_id", "node"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    node: Mapped[str] = mapped_column(String(64))
+    transport: Mapped[str] = mapped_column(String(16))  # "dimse" | "dicomweb"
+    state: Mapped[str] = mapped_column(String(16), default="waiting", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    run_token: Mapped[str] = mapped_column(String(32), default="")
+    claimed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    instances_sent: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str] = mapped_column(Text, default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
