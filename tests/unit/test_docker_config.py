@@ -22,7 +22,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from models.registry import all_specs
+from models.registry import IO_QUEUE, WORKER_QUEUES, all_specs
 from service.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,8 +33,8 @@ DOCKERFILES = {
     "worker": DOCKER / "worker.Dockerfile",
 }
 CLI_COMMANDS = {"gateway", "worker", "serve", "db", "keys"}
-VOXELGATE_SERVICES = ("migrate", "gateway", "worker-gpu", "worker-cpu")
-WORKER_SERVICES = ("worker-gpu", "worker-cpu")
+VOXELGATE_SERVICES = ("migrate", "gateway", "worker-gpu", "worker-cpu", "worker-io")
+WORKER_SERVICES = ("worker-gpu", "worker-cpu", "worker-io")
 TORCH_PACKAGES = {"torch", "monai", "torchvision", "nvidia-cudnn-cu12", "nvidia-cudnn-cu13"}
 
 
@@ -102,7 +102,7 @@ def queues_of(argv: list[str]) -> list[str]:
 
 
 def registry_queues() -> set[str]:
-    return {spec.queue for spec in all_specs()} | {"cpu", "gpu"}
+    return {spec.queue for spec in all_specs()} | set(WORKER_QUEUES)
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def test_every_registry_queue_has_a_worker() -> None:
     served: set[str] = set()
     for service in WORKER_SERVICES:
         served |= set(queues_of(compose()["services"][service]["command"]))
-    needed = {spec.queue for spec in all_specs()}
+    needed = {spec.queue for spec in all_specs()} | {IO_QUEUE}
     assert needed <= served, f"no compose worker consumes {sorted(needed - served)}"
 
 
