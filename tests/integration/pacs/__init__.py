@@ -1,0 +1,1 @@
+"""Tests against real DICOM peers (Debian Orthanc, dcmtk) on loopback."""
