@@ -23,6 +23,8 @@ __all__ = [
     "InvalidParameters",
     "NotFound",
     "PayloadTooLarge",
+    "PeerFailed",
+    "PeerUnreachable",
     "PipelineFailed",
     "Unauthorized",
     "UnknownPipeline",
@@ -59,3 +61,18 @@ class WorkerLost(VoxelgateError):
     """The worker running a job stopped without finishing it."""
 
     code = "worker_lost"
+
+
+class PeerFailed(VoxelgateError):
+    """A DICOM peer (PACS, DICOMweb server) refused or failed a request it received."""
+
+    code = "peer_failed"
+
+
+class PeerUnreachable(PeerFailed):
+    """A DICOM peer did not answer: connection refused, association rejected/aborted, timeout.
+
+    Transient by nature: deliveries and fetches retry it.
+    """
+
+    code = "peer_unreachable"

@@ -23,6 +23,8 @@ STATUS_BY_CODE = {
     "pipeline_failed": 500,
     "cancelled": 409,
     "worker_lost": 500,
+    "peer_failed": 502,
+    "peer_unreachable": 504,
 }
 
 
