@@ -13,8 +13,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
+from tests.conftest import EXAMPLE_CT_DICOM, require_path
 from tests.integration.pacs.orthanc import Modality, OrthancPeer, orthanc_available
 
 OrthancFactory = Callable[..., OrthancPeer]
@@ -60,3 +63,33 @@ def orthanc_factory(tmp_path: Path) -> Iterator[OrthancFactory]:
     finally:
         for peer in started:
             peer.stop()
+
+
+def with_real_uids(source_dir: Path, dest_dir: Path, seed: str) -> list[Path]:
+    """Copies of a series whose empty Study/Series/SOP Instance UIDs are filled in.
+
+    The totalsegmentator example CT has empty UIDs, which no PACS accepts; the copies get UIDs
+    derived from ``seed`` (same seed, same UIDs). Pixel data and transfer syntax are untouched.
+    """
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    study_uid = generate_uid(entropy_srcs=[seed, "study"])
+    series_uid = generate_uid(entropy_srcs=[seed, "series"])
+    out = []
+    for n, path in enumerate(sorted(p for p in source_dir.iterdir() if p.is_file())):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = ds.StudyInstanceUID or study_uid
+        ds.SeriesInstanceUID = ds.SeriesInstanceUID or series_uid
+        if not str(ds.get("SOPInstanceUID", "")):
+            ds.SOPInstanceUID = generate_uid(entropy_srcs=[seed, "sop", str(n)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        target = dest_dir / f"{n:04d}.dcm"
+        ds.save_as(target, enforce_file_format=True)
+        out.append(target)
+    return out
+
+
+@pytest.fixture(scope="session")
+def j2k_ct_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The real 20-slice JPEG 2000 lossless CT (totalsegmentator) with UIDs filled in."""
+    source = require_path(EXAMPLE_CT_DICOM)
+    return with_real_uids(source, tmp_path_factory.mktemp("j2k-ct"), "voxelgate-j2k-ct")
