@@ -16,6 +16,7 @@ from typing import Any
 
 from models.errors import InvalidParameters, VoxelgateError
 from models.registry import all_specs, get_spec
+from service.cli_dicom import add_dicom_commands
 from service.cli_service import add_service_commands
 
 log = logging.getLogger("voxelgate")
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p_run.set_defaults(func=_cmd_run)
     add_service_commands(sub)
+    add_dicom_commands(sub)
     return parser
 
 
