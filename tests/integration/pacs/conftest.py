@@ -66,10 +66,12 @@ def orthanc_factory(tmp_path: Path) -> Iterator[OrthancFactory]:
 
 
 def with_real_uids(source_dir: Path, dest_dir: Path, seed: str) -> list[Path]:
-    """Copies of a series whose empty Study/Series/SOP Instance UIDs are filled in.
+    """Copies of a series whose empty UIDs are filled in.
 
-    The totalsegmentator example CT has empty UIDs, which no PACS accepts; the copies get UIDs
-    derived from ``seed`` (same seed, same UIDs). Pixel data and transfer syntax are untouched.
+    The totalsegmentator example CT has empty Study/Series/SOP Instance UIDs and SOP Class UID in
+    its data set (the file meta keeps the SOP class and instance UIDs): SOP UIDs are taken from
+    the file meta, study and series UIDs derived from ``seed`` (same seed, same UIDs). Pixel data
+    and transfer syntax are untouched.
     """
     dest_dir.mkdir(parents=True, exist_ok=True)
     study_uid = generate_uid(entropy_srcs=[seed, "study"])
@@ -79,8 +81,13 @@ def with_real_uids(source_dir: Path, dest_dir: Path, seed: str) -> list[Path]:
         ds = pydicom.dcmread(path)
         ds.StudyInstanceUID = ds.StudyInstanceUID or study_uid
         ds.SeriesInstanceUID = ds.SeriesInstanceUID or series_uid
+        meta = ds.file_meta
+        if not str(ds.get("SOPClassUID", "")):
+            ds.SOPClassUID = meta.MediaStorageSOPClassUID
         if not str(ds.get("SOPInstanceUID", "")):
-            ds.SOPInstanceUID = generate_uid(entropy_srcs=[seed, "sop", str(n)])
+            ds.SOPInstanceUID = str(meta.get("MediaStorageSOPInstanceUID", "")) or generate_uid(
+                entropy_srcs=[seed, "sop", str(n)]
+            )
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         target = dest_dir / f"{n:04d}.dcm"
         ds.save_as(target, enforce_file_format=True)
