@@ -19,6 +19,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from models.errors import Cancelled, VoxelgateError
 from models.provenance import file_sha256
 from models.registry import get_spec
+from service.delivery import rows as deliveries
+from service.dicom.config import load_dicom_config
 from service.io.atomic import atomic_file
 from service.jobs import lifecycle
 from service.jobs.lifecycle import Claim
@@ -151,4 +153,13 @@ def run_job(settings: Settings, hint_job_id: str) -> str | None:
             error_code="internal_error",
             error=f"{type(exc).__name__}: {exc}",
         )
+    _start_deliveries(settings, claim.job_id)
     return claim.job_id
+
+
+def _start_deliveries(settings: Settings, job_id: str) -> None:
+    """Queue the deliveries of a finished job (the reaper does it later if this fails)."""
+    try:
+        deliveries.after_job(settings, load_dicom_config(settings), job_id)
+    except Exception:  # the job is finished either way; the reaper's pass retries the hand-over
+        log.exception("job %s: starting its deliveries failed; the reaper will retry", job_id)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from models.registry import get_spec
+from service.delivery.rows import delivery_views
 from service.errors import Conflict, NotFound
 from service.jobs.lifecycle import TERMINAL, add_message, apply_update
 from service.jobs.queue import Doorbell
@@ -86,7 +87,11 @@ def retry_job(settings: Settings, tenant_id: str, job_id: str) -> str:
 
 
 def job_view(job: Job) -> dict[str, Any]:
-    """JSON view of a job: state, progress %, step, messages, timings, outputs, error."""
+    """JSON view of a job: state, progress %, step, messages, timings, outputs, error, deliveries.
+
+    ``deliveries`` lists the job's deliveries to DICOM nodes (read through the job's session).
+    """
+    session = object_session(job)
     queued_s = (job.started_at - job.created_at) if job.started_at else None
     run_s = (job.finished_at - job.started_at) if job.finished_at and job.started_at else None
     return {
@@ -119,4 +124,5 @@ def job_view(job: Job) -> dict[str, Any]:
         },
         "measurements": job.measurements,
         "finished": job.state in TERMINAL,
+        "deliveries": delivery_views(session, job.id) if session is not None else [],
     }

@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 
 from models.registry import all_specs
+from service.delivery import rows as deliveries
 from service.jobs.lifecycle import add_message, apply_update
 from service.jobs.queue import Doorbell, broker_epoch, send_doorbell, time_limits
 from service.settings import Settings
@@ -46,6 +47,7 @@ class ReapReport:
     failed: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     republished: list[str] = field(default_factory=list)
+    deliveries: list[str] = field(default_factory=list)  # delivery ids published
 
 
 def _hard_limit_s(settings: Settings, pipeline: str) -> float | None:
@@ -154,6 +156,7 @@ def reap(settings: Settings) -> ReapReport:
     if lost:
         log.warning("re-publishing %d queued job(s) lost by the broker", len(lost))
     publish(settings, requeued + lost, epoch)
+    report.deliveries = deliveries.reap(settings)
     return report
 
 

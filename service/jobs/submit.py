@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from models.errors import InputRejected, InvalidParameters
 from models.registry import PipelineSpec, get_spec, validate_params
+from service.delivery.rows import add_rows_for_jobs as add_delivery_rows
 from service.jobs.queue import Doorbell
 from service.jobs.reaper import publish
 from service.settings import Settings
@@ -160,6 +161,8 @@ def submit_jobs(
         bells = _create_jobs(
             session, tenant_id, spec, full, series_ids, study_ids, priority, None, destinations
         )
+        if destinations:  # one waiting delivery row per (job, node), resolved when it finishes
+            add_delivery_rows(session, settings, [bell.job_id for bell in bells], destinations)
     publish(settings, bells)
     return [bell.job_id for bell in bells]
 

@@ -6,11 +6,15 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.api.deps import Principal, get_app_settings, get_blobs, get_principal, get_session
 from service.api.schemas import JobRequest
+from service.delivery.rows import publish as publish_deliveries
+from service.delivery.rows import push
+from service.dicom.config import load_dicom_config
 from service.errors import NotFound
 from service.jobs.control import cancel_job, get_job, job_view, retry_job
 from service.jobs.lifecycle import JobState
@@ -118,3 +122,37 @@ def download(
         raise NotFound(f"job {job.id}: the file of output {name[:64]!r} is no longer stored")
     principal.audit(session, "download", "job", job.id, {"output": name})
     return FileResponse(path, media_type=meta["media_type"], filename=name)
+
+
+class DeliveryRequest(BaseModel):
+    """Send a job's DICOM outputs to configured nodes (``GET /dicom/nodes``)."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"nodes": ["pacs"], "force": False}]}
+    )
+    nodes: list[str] = Field(..., min_length=1, max_length=16, description="node names")
+    force: bool = Field(False, description="send again to nodes that already have them")
+
+
+@router.post("/{job_id}/deliveries", status_code=202, summary="Deliver outputs to DICOM nodes")
+def deliver(
+    job_id: str,
+    body: DeliveryRequest,
+    principal: Principal = Depends(get_principal),
+    settings: Settings = Depends(get_app_settings),
+) -> dict[str, Any]:
+    """Queue delivery of the job's DICOM outputs to each node (C-STORE or STOW-RS).
+
+    Idempotent per (job, node): a node that has them already is left alone unless ``force``; a
+    failed delivery starts again; an unfinished job's delivery waits for it.
+    """
+    config = load_dicom_config(settings)
+    with session_scope(settings.resolved_database_url) as session:
+        job = get_job(session, principal.tenant_id, job_id)
+        results, to_publish = push(
+            settings, config, job, session, body.nodes, force=body.force, key_id=principal.key_id
+        )
+    publish_deliveries(settings, to_publish)
+    view = _view(settings, principal.tenant_id, job_id)
+    view["pushed"] = [{"node": r.node, "id": r.delivery_id, "action": r.action} for r in results]
+    return view
