@@ -32,7 +32,13 @@ from service.dicom.query import (
     study_match,
     unique_studies,
 )
-from service.errors import InputRejected, InvalidParameters, PeerFailed, PeerUnreachable
+from service.errors import (
+    InputRejected,
+    InvalidParameters,
+    NotFound,
+    PeerFailed,
+    PeerUnreachable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +65,11 @@ def _http_status(exc: requests.HTTPError) -> int:
     return exc.response.status_code if exc.response is not None else 0
 
 
-def _call(node: Node, what: str, fn: Callable[[], T]) -> T:
-    """Run one client call, translating transport errors to typed errors."""
+def _call(node: Node, what: str, fn: Callable[[], T], *, missing: str = "") -> T:
+    """Run one client call, translating transport errors to typed errors.
+
+    With ``missing``, an HTTP 404 is :class:`NotFound` with that message.
+    """
     try:
         return fn()
     except (requests.ConnectionError, requests.Timeout) as exc:
@@ -69,6 +78,8 @@ def _call(node: Node, what: str, fn: Callable[[], T]) -> T:
         ) from exc
     except requests.HTTPError as exc:
         status = _http_status(exc)
+        if status == 404 and missing:
+            raise NotFound(missing) from exc
         kind = PeerUnreachable if status in _TRANSIENT_HTTP else PeerFailed
         raise kind(f"DICOM node {node.name!r}: {what} answered HTTP {status}") from exc
 
@@ -119,7 +130,8 @@ def wado_study(node: Node, study_uid: str, dest_dir: Path, timeout_s: float = 60
 
     Raises:
         PeerUnreachable: No answer, or the transfer broke off.
-        PeerFailed: The server refused (e.g. 404 for an unknown study).
+        NotFound: The server does not know the study (HTTP 404).
+        PeerFailed: The server refused.
     """
     check_uid(study_uid)
     client = client_for(node, timeout_s)
@@ -135,7 +147,12 @@ def wado_study(node: Node, study_uid: str, dest_dir: Path, timeout_s: float = 60
         return written
 
     try:
-        files = _call(node, "WADO-RS study", fetch)
+        files = _call(
+            node,
+            "WADO-RS study",
+            fetch,
+            missing=f"DICOM node {node.name!r} has no study {study_uid}",
+        )
     except requests.exceptions.ChunkedEncodingError as exc:
         raise PeerUnreachable(f"DICOM node {node.name!r}: WADO-RS transfer broke off") from exc
     log.info("wado: node %s: %d instances of study %s", node.name, len(files), study_uid)

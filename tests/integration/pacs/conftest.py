@@ -5,6 +5,8 @@
 * ``orthanc_factory`` — ``orthanc_factory(modalities={...}, **kwargs)`` starts a private Orthanc
   that knows the given modalities (e.g. our listener, as C-MOVE destination or push target);
   all are stopped at the end of the test.
+* ``scp_factory`` — helper A's real ``voxelgate scp`` listener (``listener.py``), re-exported.
+* ``j2k_ct_files`` — the real J2K CT with its empty UIDs filled in.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.conftest import EXAMPLE_CT_DICOM, require_path
+from tests.integration.pacs.listener import scp_factory  # noqa: F401  (fixture for all PACS tests)
 from tests.integration.pacs.orthanc import Modality, OrthancPeer, orthanc_available
 
 OrthancFactory = Callable[..., OrthancPeer]

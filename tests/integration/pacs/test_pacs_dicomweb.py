@@ -10,7 +10,7 @@ import pytest
 from service.dicom.config import Node
 from service.dicom.dicomweb import qido_series, qido_studies, stow_instances, wado_study
 from service.dicom.query import StudyQuery
-from service.errors import InputRejected, PeerFailed, PeerUnreachable
+from service.errors import InputRejected, NotFound, PeerUnreachable
 from tests.integration.pacs.orthanc import OrthancPeer, free_port
 
 pytestmark = pytest.mark.integration
@@ -85,10 +85,9 @@ def test_stow_refuses_file_without_sop_uid(orthanc: OrthancPeer, example_ct_dir:
     assert orthanc.instances() == []
 
 
-def test_wado_unknown_study_is_peer_failed(orthanc: OrthancPeer, tmp_path: Path) -> None:
-    with pytest.raises(PeerFailed) as info:
+def test_wado_unknown_study_is_not_found(orthanc: OrthancPeer, tmp_path: Path) -> None:
+    with pytest.raises(NotFound, match=r"1\.2\.3\.4\.5\.6\.7"):
         wado_study(web_node(orthanc), "1.2.3.4.5.6.7", tmp_path / "none")
-    assert not isinstance(info.value, PeerUnreachable)
 
 
 def test_unreachable_peer(ct3_dir: Path) -> None:
