@@ -69,13 +69,17 @@ def _scan(files: Sequence[Path]) -> list[_Item]:
     for index, path in enumerate(files):
         try:
             ds = dcmread(path, stop_before_pixels=True)
-            items.append(
-                _Item(index, path, UID(ds.SOPClassUID), UID(ds.file_meta.TransferSyntaxUID))
-            )
+            sop_class, sop_instance = str(ds.get("SOPClassUID", "")), ds.get("SOPInstanceUID")
+            syntax = UID(ds.file_meta.TransferSyntaxUID)
         except (InvalidDicomError, AttributeError, OSError) as exc:
             raise DeliveryFailed(
                 f"output file {index} is not a readable DICOM instance: {exc}", retry=False
             ) from exc
+        if not sop_class or not sop_instance:
+            raise DeliveryFailed(
+                f"output file {index} has no SOPClassUID or SOPInstanceUID", retry=False
+            )
+        items.append(_Item(index, path, UID(sop_class), syntax))
     return items
 
 

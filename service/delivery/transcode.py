@@ -112,6 +112,8 @@ def apply(ds: Dataset, chosen: Plan) -> Dataset:
             ds.compress(RLELossless, generate_instance_uid=False)
     except (RuntimeError, ValueError, NotImplementedError) as exc:
         raise InputRejected(f"cannot transcode to {chosen.target.name}: {exc}") from exc
+    for _ in ds.iterall():  # parse every raw element: its bytes are in the old encoding
+        pass
     ds.file_meta.TransferSyntaxUID = chosen.target
     ds.set_original_encoding(
         chosen.target.is_implicit_VR, chosen.target.is_little_endian, ds.original_character_set
