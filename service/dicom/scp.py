@@ -18,6 +18,7 @@ that are not storage classes are rejected by pynetdicom.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import shutil
 import threading
@@ -75,6 +76,7 @@ TRUNCATED = 0xC102
 HANDLER_FAILED = 0xC211
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _DEFER_BYTES = 4096
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # lenient: leading zeros occur in the wild
 
 
 class Refused(Exception):
@@ -118,29 +120,48 @@ def parse_header(
         The :class:`Header`; an empty StudyInstanceUID is replaced by the UID the ingest derives.
 
     Raises:
-        Refused: Unparseable or truncated data set, missing or mismatching UIDs.
+        Refused: Unparseable or truncated data set; SOP Class/Instance UID other than the
+            request's; a UID that is not a valid UID (at most 64 digits and dots).
     """
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(BytesIO(part10), defer_size=_DEFER_BYTES)
-            sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
-            sop_class = str(ds.get("SOPClassUID", "") or "").strip()
-            study_uid = str(ds.get("StudyInstanceUID", "") or "").strip()
+            return _checked(ds, caught, len(part10), sop_class_uid, sop_instance_uid, tenant_id)
+    except Refused:
+        raise
     except Exception as exc:  # pydicom raises many types on corrupt data sets
         raise Refused(CANNOT_PARSE, f"cannot parse data set ({type(exc).__name__})") from exc
+
+
+def _checked(
+    ds: Dataset,
+    caught: list[warnings.WarningMessage],
+    size: int,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    tenant_id: str,
+) -> Header:
     if any("End of file" in str(w.message) for w in caught):
         raise Refused(TRUNCATED, "data set truncated (unexpected end of data)")
-    if not sop_uid or sop_uid != sop_instance_uid or len(sop_uid) > 64:
-        raise Refused(BAD_UIDS, "SOPInstanceUID missing or not the one in the request")
-    if sop_class != sop_class_uid:
-        raise Refused(NOT_SOP_CLASS, "SOPClassUID missing or not the one in the request")
-    if len(study_uid) > 64:
-        raise Refused(BAD_UIDS, "StudyInstanceUID longer than 64 characters")
-    _check_pixels(ds, len(part10))
+    sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+    sop_class = str(ds.get("SOPClassUID", "") or "").strip()
+    study_uid = str(ds.get("StudyInstanceUID", "") or "").strip()
+    # An empty SOP Class/Instance UID in the data set is taken from the request, as the REST
+    # ingest takes it from the file meta (real archives hold such files); a different one is not.
+    if sop_uid and sop_uid != sop_instance_uid:
+        raise Refused(BAD_UIDS, "SOPInstanceUID differs from the one in the request")
+    if sop_class and sop_class != sop_class_uid:
+        raise Refused(NOT_SOP_CLASS, "SOPClassUID differs from the one in the request")
+    for keyword, value in (("SOPInstanceUID", sop_instance_uid), ("StudyInstanceUID", study_uid)):
+        if value and (len(value) > 64 or not _UID.match(value)):
+            raise Refused(BAD_UIDS, f"{keyword} is not a valid UID")
+    if not sop_instance_uid:
+        raise Refused(BAD_UIDS, "no SOPInstanceUID")
+    _check_pixels(ds, size)
     if not study_uid:
         study_uid = _derived_study_uid(ds, tenant_id)
-    return Header(sop_uid, study_uid)
+    return Header(sop_instance_uid, study_uid)
 
 
 def _check_pixels(ds: Dataset, size: int) -> None:

@@ -140,6 +140,15 @@ def read_sidecar(folder: Path) -> Sidecar | None:
         return None
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a new directory entry durable (the C-STORE answer promises the instance is kept)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _owner() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -199,7 +208,10 @@ class Spool:
             try:
                 with open(tmp, "wb") as handle:
                     handle.write(part10)
+                    handle.flush()
+                    os.fsync(handle.fileno())
                 os.link(tmp, folder / name)
+                _fsync_dir(folder)
             except FileExistsError:
                 return self._compare(folder / name, part10)
             except FileNotFoundError:

@@ -67,7 +67,7 @@ def _toml_value(value: Any) -> str:
 
 def config_toml(
     listener: Mapping[str, Any],
-    nodes: Mapping[str, Mapping[str, Any]] = {},  # noqa: B006 - read only
+    nodes: Mapping[str, Mapping[str, Any]] = {},
     rules: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """The TOML text of a DICOM configuration (see :mod:`service.dicom.config`)."""
