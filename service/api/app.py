@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from service import __version__
 from service.api.errors import install_error_handlers
-from service.api.routes import cohorts, jobs, pipelines, studies, system
+from service.api.routes import cohorts, dicomweb, jobs, pacs, pipelines, studies, system
 from service.jobs.reaper import Reaper
 from service.settings import Settings, get_settings
 from service.store.blobs import blob_store
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     app.state.settings = settings
     app.state.blobs = blob_store(settings)
     install_error_handlers(app)
-    for module in (system, studies, jobs, cohorts, pipelines):
+    for module in (system, studies, jobs, cohorts, pipelines, pacs, dicomweb):
         app.include_router(module.router)
     return app
 

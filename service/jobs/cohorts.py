@@ -151,8 +151,9 @@ def cohort_rollup(session: Session, tenant_id: str, cohort_id: str) -> dict[str,
     Returns:
         JSON-ready dict: ``id``, ``pipeline``, ``params``, ``created_at``, ``total`` (jobs),
         ``counts`` ({state: n} for every state), ``progress`` (0..1: mean over jobs, a finished
-        job counting 1), ``done`` (every job finished), ``failures``
-        ([{job_id, series_id, error_code, error}] of failed jobs) and ``job_ids``.
+        job counting 1), ``done`` (every job finished; for a PACS-query cohort also its fetch),
+        ``failures`` ([{job_id, series_id, error_code, error}] of failed jobs), ``job_ids``, and
+        for a PACS-query cohort ``fetch`` (see :func:`service.dicom.pacs_cohort.fetch_summary`).
 
     Raises:
         NotFound: No such cohort for this tenant.
@@ -163,7 +164,11 @@ def cohort_rollup(session: Session, tenant_id: str, cohort_id: str) -> dict[str,
     for job in jobs:
         counts[job.state] = counts.get(job.state, 0) + 1
     progress = sum(j.done_fraction for j in jobs) / len(jobs) if jobs else 0.0
-    return {
+    from service.dicom.pacs_cohort import fetch_summary  # lazy: it imports this module
+
+    fetch = fetch_summary(cohort)
+    fetching = fetch is not None and fetch["state"] in ("queued", "fetching")
+    rollup = {
         "id": cohort.id,
         "pipeline": cohort.pipeline,
         "params": cohort.params,
@@ -171,7 +176,9 @@ def cohort_rollup(session: Session, tenant_id: str, cohort_id: str) -> dict[str,
         "total": len(jobs),
         "counts": counts,
         "progress": round(progress, 6),
-        "done": bool(jobs) and all(j.state in TERMINAL for j in jobs),
+        "done": not fetching
+        and (bool(jobs) or fetch is not None)
+        and all(j.state in TERMINAL for j in jobs),
         "failures": [
             {
                 "job_id": j.id,
@@ -184,6 +191,9 @@ def cohort_rollup(session: Session, tenant_id: str, cohort_id: str) -> dict[str,
         ],
         "job_ids": [j.id for j in jobs],
     }
+    if fetch is not None:
+        rollup["fetch"] = fetch
+    return rollup
 
 
 def flatten_measurements(
