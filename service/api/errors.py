@@ -16,6 +16,7 @@ STATUS_BY_CODE = {
     "not_found": 404,
     "conflict": 409,
     "payload_too_large": 413,
+    "unsupported_media_type": 415,
     "unauthorized": 401,
     "input_rejected": 422,
     "invalid_parameters": 422,
