@@ -17,6 +17,7 @@ from typing import Any
 from models.errors import InvalidParameters, VoxelgateError
 from models.registry import all_specs, get_spec
 from service.cli_dicom import add_dicom_commands
+from service.cli_pacs import add_pacs_commands
 from service.cli_service import add_service_commands
 
 log = logging.getLogger("voxelgate")
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.set_defaults(func=_cmd_run)
     add_service_commands(sub)
     add_dicom_commands(sub)
+    add_pacs_commands(sub)
     return parser
 
 
