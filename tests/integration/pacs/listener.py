@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,3 +225,70 @@ def storescu(
     cmd = [dcmtk("storescu"), "-aet", calling_ae, "-aec", called_ae, *extra, "127.0.0.1", str(port)]
     cmd += [str(p) for p in paths]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+
+
+@contextmanager
+def association(
+    port: int,
+    abstract_syntaxes: Sequence[str],
+    transfer_syntaxes: Sequence[str] | None = None,
+    *,
+    calling_ae: str = SENDER_AE,
+    called_ae: str = LISTENER_AE,
+) -> Iterator[Any]:
+    """A pynetdicom association to 127.0.0.1:``port`` (released on exit unless aborted).
+
+    Files passed to ``assoc.send_c_store(path)`` are sent as they are encoded (pynetdicom's
+    chunked send: the file meta gives the UIDs and the transfer syntax; nothing is re-encoded).
+    """
+    from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, _config
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    for syntax in abstract_syntaxes:
+        if transfer_syntaxes is None:  # one context per syntax: any uncompressed file fits
+            for transfer_syntax in DEFAULT_TRANSFER_SYNTAXES:
+                ae.add_requested_context(syntax, transfer_syntax)
+        else:
+            ae.add_requested_context(syntax, list(transfer_syntaxes))
+    saved = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    try:
+        yield assoc
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = saved
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+
+
+def sop_class(path: Path) -> str:
+    """MediaStorageSOPClassUID of a file."""
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.MediaStorageSOPClassUID)
+
+
+def store_counts(settings: Any) -> tuple[int, int]:
+    """(instances, jobs) in the job store of ``settings``."""
+    from sqlalchemy import func, select
+
+    from service.store.db import session_scope
+    from service.store.tables import Instance, Job
+
+    with session_scope(settings.resolved_database_url) as session:
+        instances = session.scalar(select(func.count(Instance.id))) or 0
+        jobs = session.scalar(select(func.count(Job.id))) or 0
+    return int(instances), int(jobs)
+
+
+def wait_for(predicate: Any, timeout_s: float, what: str, period_s: float = 0.2) -> Any:
+    """Poll ``predicate`` until truthy or fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(period_s)
+    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
