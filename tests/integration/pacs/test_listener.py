@@ -7,7 +7,6 @@ job store of ``sqlite_settings``; checks go to the store (rows, files) and the a
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pydicom
 import pytest
@@ -140,4 +139,5 @@ def test_enhanced_multiframe_and_compressed_syntaxes_accepted(  # type: ignore[n
     wait_for(lambda: store_counts(sqlite_settings)[0] == 5, 30, "5 stored instances")
     with session_scope(sqlite_settings.resolved_database_url) as s:
         modalities = sorted(s.scalars(select(Series.modality)))
-    assert modalities.count("MR") == 1 and "CT" in modalities
+    assert modalities.count("MR") == 1
+    assert "CT" in modalities
