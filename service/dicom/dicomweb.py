@@ -250,8 +250,12 @@ def _stow_batch(
     except PeerFailed as exc:
         cause = exc.__cause__
         parsed = _answer_of(cause) if isinstance(cause, requests.HTTPError) else None
-        if parsed is None or isinstance(exc, PeerUnreachable):
-            raise
+        if (
+            parsed is None
+            or isinstance(exc, PeerUnreachable)
+            or not ("FailedSOPSequence" in parsed or "ReferencedSOPSequence" in parsed)
+        ):
+            raise  # no per-instance answer: the request as a whole was refused
         outcome.http_status = _http_status(cause) if isinstance(cause, requests.HTTPError) else 0
         answer = parsed
     _account(outcome, answer, sent)
