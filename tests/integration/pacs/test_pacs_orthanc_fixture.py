@@ -36,3 +36,30 @@ def test_factory_registers_modalities(orthanc_factory: OrthancFactory, tmp_path:
     assert peer.proc is None
     with pytest.raises(FileNotFoundError):
         listening_sockets(pid)
+
+
+@pytest.mark.parametrize(
+    ("hex_addr", "text"),
+    [
+        ("0100007F", "127.0.0.1"),
+        ("00000000", "0.0.0.0"),
+        ("00000000000000000000000001000000", "::1"),
+        ("00000000000000000000000000000000", "::"),
+    ],
+)
+def test_proc_net_addresses_decode(hex_addr: str, text: str) -> None:
+    from tests.integration.pacs.orthanc import _decode_address
+
+    assert _decode_address(hex_addr) == text
+
+
+def test_wildcard_listener_would_be_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """assert_loopback_only refuses a process with a non-loopback listening socket.
+
+    Binding a real wildcard socket is against the test rules, so the socket table is faked.
+    """
+    import tests.integration.pacs.orthanc as module
+
+    monkeypatch.setattr(module, "listening_sockets", lambda pid: [("127.0.0.1", 1), ("0.0.0.0", 2)])
+    with pytest.raises(module.OrthancError, match="beyond loopback"):
+        module.assert_loopback_only(1)
