@@ -31,6 +31,7 @@ from service.dicom import dicomweb, scu
 from service.dicom.config import DicomConfig, Node, load_dicom_config
 from service.dicom.query import StudyMatch, StudyQuery
 from service.dicom.retrieve import resolve_via, retrieve_study
+from service.errors import PeerUnreachable
 from service.jobs.cohorts import create_cohort_row
 from service.jobs.lifecycle import apply_update
 from service.jobs.queue import FETCH_COHORT_TASK, Doorbell, send_io_task
@@ -210,12 +211,34 @@ def _tally(detail: dict[str, Any]) -> None:
     detail["jobs"] = sum(len(s.get("job_ids", [])) for s in studies.values())
 
 
+def _retry_later(
+    settings: Settings, cohort_id: str, detail: dict[str, Any], exc: PeerUnreachable
+) -> str:
+    """Schedule another fetch after a backoff (the delivery settings), or give up."""
+    attempts = int(detail.get("attempts", 0)) + 1
+    detail["attempts"] = attempts
+    if attempts >= settings.delivery_max_attempts:
+        error = f"{exc} (gave up after {attempts} attempts)"
+        _save(settings, cohort_id, detail, fetch_state="failed", fetch_error=error[:1000])
+        log.warning("pacs cohort %s: node unreachable, gave up after %d", cohort_id, attempts)
+        return "failed"
+    delay = min(settings.delivery_backoff_s * 2 ** (attempts - 1), settings.delivery_backoff_max_s)
+    error = f"{exc} (attempt {attempts}; next in {delay:.0f} s)"
+    _save(settings, cohort_id, detail, fetch_state="queued", fetch_error=error[:1000])
+    send_io_task(settings, FETCH_COHORT_TASK, cohort_id, countdown_s=delay)
+    log.info("pacs cohort %s: node unreachable, retry %d in %.0f s", cohort_id, attempts, delay)
+    return "queued"
+
+
 def fetch_cohort(settings: Settings, cohort_id: str) -> str | None:
     """Run the fetch of a PACS-query cohort (the body of ``voxelgate.fetch_cohort``).
 
+    A node that does not answer the query is asked again later (``delivery_backoff_s``,
+    doubling, up to ``delivery_max_attempts`` runs); any other query error fails the fetch.
+
     Returns:
-        The final fetch state, or None when there was nothing to do (unknown cohort, or its
-        fetch already finished).
+        The fetch state it left (``done``, ``failed``, or ``queued`` when a retry is scheduled),
+        or None when there was nothing to do (unknown cohort, or its fetch already finished).
     """
     cohort = _claim(settings, cohort_id)
     if cohort is None:
@@ -226,6 +249,8 @@ def fetch_cohort(settings: Settings, cohort_id: str) -> str | None:
         node = load_dicom_config(settings).node(cohort.source_node)
         query = StudyQuery.model_validate(cohort.source_query)
         found = _find(settings, node, query, str(detail.get("via") or ""))
+    except PeerUnreachable as exc:
+        return _retry_later(settings, cohort_id, detail, exc)
     except (VoxelgateError, ValueError) as exc:
         _save(settings, cohort_id, detail, fetch_state="failed", fetch_error=str(exc)[:1000])
         log.warning("pacs cohort %s: query failed: %s", cohort_id, exc)

@@ -102,3 +102,36 @@ def test_pacs_cohort_refusals(cohort_api: Api) -> None:
     assert cohort_api.post("/dicom/nodes/pacs/cohorts", json=bad_pipeline).status_code == 422
     bad_params = {**base, "params": {"max_iterations": -5}}
     assert cohort_api.post("/dicom/nodes/pacs/cohorts", json=bad_params).status_code == 422
+
+
+def test_unreachable_node_is_retried_then_failed(sqlite_settings: Any, tmp_path: Path) -> None:
+    from service.dicom.pacs_cohort import create_pacs_cohort
+    from service.dicom.query import StudyQuery
+    from service.store.auth import ensure_tenant
+    from service.store.tables import Cohort
+    from tests.integration.pacs.orthanc import free_port
+
+    path = tmp_path / "dicom.toml"
+    path.write_text(
+        config_toml({"ae_title": LISTENER_AE}, {"down": node("DOWN", port=free_port())})
+    )
+    settings = sqlite_settings.model_copy(
+        update={"dicom_config": path, "delivery_max_attempts": 2, "dimse_timeout_s": 5}
+    )
+    with session_scope(settings.resolved_database_url) as session:
+        tenant_id = ensure_tenant(session, "clinic").id
+    cohort_id = create_pacs_cohort(
+        settings, tenant_id, "down", StudyQuery(modality="CT"), "zeroshot-denoise", {}
+    )
+    assert fetch_cohort(settings, cohort_id) == "queued"  # retry scheduled
+    with session_scope(settings.resolved_database_url) as session:
+        cohort = session.get(Cohort, cohort_id)
+        assert cohort is not None
+        assert "attempt 1" in cohort.fetch_error
+    assert fetch_cohort(settings, cohort_id) == "failed"
+    with session_scope(settings.resolved_database_url) as session:
+        cohort = session.get(Cohort, cohort_id)
+        assert cohort is not None
+        assert cohort.fetch_state == "failed"
+        assert "gave up after 2" in cohort.fetch_error
+    assert fetch_cohort(settings, cohort_id) is None
