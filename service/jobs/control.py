@@ -8,7 +8,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, object_session
 
 from models.registry import get_spec
-from service.delivery.rows import delivery_views
+from service.delivery.rows import add_rows_for_jobs, delivery_views
 from service.errors import Conflict, NotFound
 from service.jobs.lifecycle import TERMINAL, add_message, apply_update
 from service.jobs.queue import Doorbell
@@ -63,6 +63,8 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
 def retry_job(settings: Settings, tenant_id: str, job_id: str) -> str:
     """Submit a new job with the same input, pipeline and parameters as a failed/cancelled one.
 
+    The retry keeps the original's destinations (``deliver_to``) with fresh delivery rows.
+
     Returns:
         The new job's id (its ``retry_of`` names the original).
 
@@ -79,8 +81,18 @@ def retry_job(settings: Settings, tenant_id: str, job_id: str) -> str:
         series = get_series(session, tenant_id, job.series_id)
         spec = get_spec(job.pipeline)
         new = add_job(
-            session, tenant_id, series, spec, dict(job.params), job.priority, job.cohort_id, job.id
+            session,
+            tenant_id,
+            series,
+            spec,
+            dict(job.params),
+            job.priority,
+            job.cohort_id,
+            job.id,
+            job.deliver_to,
         )
+        if job.deliver_to:  # the retry delivers where the original would have
+            add_rows_for_jobs(session, settings, [new.id], job.deliver_to)
         bell = Doorbell(new.id, new.pipeline, new.priority)
     publish(settings, [bell])
     return bell.job_id

@@ -251,3 +251,25 @@ def test_reaper_takes_back_stale_claims_resolves_and_republishes(
     assert rows.touch(settings, held) is False  # the lost sender finds out
     published.clear()
     assert rows.reap(settings) == []  # just re-sent: nothing again within the grace period
+
+
+def test_a_retried_job_keeps_its_destinations(
+    settings: Settings, published: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.jobs import control
+
+    monkeypatch.setattr(control, "publish", lambda *_: None)  # no job doorbell needed here
+    job_id = _job(settings, ["pacs"])
+    _finish(settings, job_id, "failed")
+    rows.after_job(settings, load_dicom_config(settings), job_id)
+    with session_scope(settings.resolved_database_url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        tenant_id = job.tenant_id
+    new_id = control.retry_job(settings, tenant_id, job_id)
+    assert _rows(settings, job_id)["pacs"]["state"] == "failed"
+    assert _rows(settings, new_id)["pacs"]["state"] == "waiting"
+    with session_scope(settings.resolved_database_url) as s:
+        retried = s.get(Job, new_id)
+        assert retried is not None
+        assert retried.deliver_to == ["pacs"]
