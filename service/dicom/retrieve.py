@@ -62,7 +62,7 @@ def resolve_via(node: Node, via: str | None) -> Via:
         raise InvalidParameters(f"DICOM node {node.name!r} has no dicomweb_url for WADO-RS")
     if chosen in ("move", "get") and not node.has_dimse:
         raise InvalidParameters(f"DICOM node {node.name!r} has no DIMSE service for C-{chosen}")
-    return chosen  # type: ignore[return-value]
+    return chosen
 
 
 def _fetch_into(
