@@ -140,3 +140,41 @@ def test_retrieve_by_move_through_the_listener(
     other = tenant(settings, "elsewhere")
     with pytest.raises(InvalidParameters, match="tenant"):
         retrieve_study(settings, other, "pacs", study_uid_of(ct3))
+
+
+def test_no_patient_identifiers_in_logs_or_audit(
+    orthanc: OrthancPeer,
+    sqlite_settings: Settings,
+    tmp_path: Path,
+    ct3_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from service.dicom.config import load_dicom_config
+    from service.dicom.query import StudyQuery
+    from service.dicom.scu import find_series, find_studies
+
+    files = sorted(ct3_dir.glob("*.dcm"))
+    header = pydicom.dcmread(files[0], stop_before_pixels=True)
+    name, pid = str(header.PatientName), str(header.PatientID)
+    assert name
+    assert pid
+    orthanc.upload(files)
+    settings = configured(sqlite_settings, tmp_path, orthanc, "get")
+    tenant_id = tenant(settings)
+    pacs = load_dicom_config(settings).node("pacs")
+    with caplog.at_level(logging.DEBUG):
+        found = find_studies(pacs, StudyQuery(keys={"PatientID": pid}), settings)
+        assert [s.study_uid for s in found] == [study_uid_of(files)]  # filtered by it ...
+        assert pid not in repr(found)  # ... but not echoed back
+        find_series(pacs, study_uid_of(files), settings)
+        retrieve_study(settings, tenant_id, "pacs", study_uid_of(files))
+        retrieve_study(settings, tenant_id, "pacs", study_uid_of(files), via="dicomweb")
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("service")]
+    assert ours  # we did log
+    assert not [m for m in ours if name in m or pid in m]
+    with session_scope(settings.resolved_database_url) as session:
+        details = [str(e.detail) for e in session.scalars(select(AuditEvent))]
+    assert details
+    assert not [d for d in details if name in d or pid in d]
