@@ -36,6 +36,9 @@ def cmd_scp(args: argparse.Namespace) -> int:
         listener = config.listener.model_copy(update={"port": args.port})
         config = config.model_copy(update={"listener": listener})
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom logs the offending value of an invalid element (could be a patient attribute);
+    # the listener answers such data sets with a status instead
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     upgrade_schema(settings.resolved_database_url)
     if not settings.broker_is_redis:
         prepare_broker(settings)

@@ -3,9 +3,10 @@
 The C-STORE handler only validates cheaply, writes atomically and answers (DESIGN rule 9): it
 takes the data set exactly as the peer encoded it (no decode / re-encode), parses its header
 with large values deferred, checks the UIDs and that the pixel data is as long as declared,
-looks up the SOP Instance UID among the tenant's stored instances (one indexed query) and links
-the file into the spool. Ingest, audit and routing happen later, once the study is stable
-(:mod:`service.dicom.stable`).
+looks up the SOP Instance UID among the tenant's stored instances when the store already holds
+the study (one indexed query per association and study, one per instance only then) and links
+the file into the spool (fsynced before the answer). Ingest, audit and routing happen later,
+once the study is stable (:mod:`service.dicom.stable`).
 
 Errors are translated into DICOM statuses here, once: :class:`Refused` carries a status and an
 ``ErrorComment`` (never a patient attribute); any other exception becomes 0xC211 and is logged
@@ -76,6 +77,13 @@ TRUNCATED = 0xC102
 HANDLER_FAILED = 0xC211
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _DEFER_BYTES = 4096
+FAST_LOOP_DELAY_S: float | None = 0.0001
+"""Poll period of the DUL reactor of an association that sends instances (pynetdicom: 1 ms).
+
+pynetdicom's DUL thread sleeps this long whenever it finds nothing to do; on a C-STORE stream
+that sleep sits between the answer and the next request (about 1 ms per instance). Associations
+that only echo, or idle, keep pynetdicom's default. ``None``: never change it.
+"""
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # lenient: leading zeros occur in the wild
 
 
@@ -194,6 +202,7 @@ class _Association:
     calling_ae: str
     called_ae: str
     studies: dict[str, str] = field(default_factory=dict)  # spool key -> study UID
+    stored: dict[str, bool] = field(default_factory=dict)  # study UID -> in the store
     ended: bool = False
 
 
@@ -258,6 +267,9 @@ class StoreHandler:
 
     # -- the work --------------------------------------------------------------------------------
     def _store(self, event: Any) -> None:
+        dul: Any = getattr(event.assoc, "dul", None)
+        if FAST_LOOP_DELAY_S is not None and hasattr(dul, "_run_loop_delay"):
+            dul._run_loop_delay = FAST_LOOP_DELAY_S  # private pynetdicom attribute, read per loop
         free = shutil.disk_usage(self.spool.root).free
         if free < self.config.listener.min_free_bytes:
             raise Refused(OUT_OF_RESOURCES, "out of resources: free disk space below watermark")
@@ -269,14 +281,38 @@ class StoreHandler:
             str(request.AffectedSOPInstanceUID),
             self.tenant_id,
         )
-        if self.spool.existing(self.tenant_id, header.study_uid, header.sop_instance_uid) is None:
+        state = self._state(event)
+        spooled = self.spool.existing(self.tenant_id, header.study_uid, header.sop_instance_uid)
+        if spooled is None and self._study_stored(state, header.study_uid):
             self._check_store(header.sop_instance_uid, part10)
-        self._note(event, header.study_uid)
+        self._note(state, header.study_uid)
         outcome = self.spool.write_instance(
             self.tenant_id, header.study_uid, header.sop_instance_uid, part10
         )
         if outcome == "differs":
             raise Refused(DUPLICATE_INSTANCE, "duplicate SOPInstanceUID with different content")
+
+    def _study_stored(self, state: _Association, study_uid: str) -> bool:
+        """Whether the store holds the study (asked once per association and study).
+
+        Only then can an instance of it be a duplicate of a stored one, so a new study costs one
+        indexed query per association instead of one per instance.
+        """
+        known = state.stored.get(study_uid)
+        if known is None:
+            query = (
+                select(Study.id)
+                .where(
+                    Study.tenant_id == self.tenant_id,
+                    Study.study_instance_uid == study_uid,
+                    Study.deleted_at.is_(None),
+                )
+                .limit(1)
+            )
+            with self._engine.connect() as conn:
+                known = conn.execute(query).scalar_one_or_none() is not None
+            state.stored[study_uid] = known
+        return known
 
     def _check_store(self, sop_instance_uid: str, part10: bytes) -> None:
         """Refuse an instance the store holds with other content (indexed lookup, no write)."""
@@ -311,9 +347,8 @@ class StoreHandler:
                 self._open[id(assoc)] = state
             return state
 
-    def _note(self, event: Any, study_uid: str) -> None:
+    def _note(self, state: _Association, study_uid: str) -> None:
         """Remember the study for this association; the first time, write its sidecar."""
-        state = self._state(event)
         key = study_key(self.tenant_id, study_uid)
         with self._lock:
             first = key not in state.studies

@@ -158,9 +158,10 @@ class ScpProcess:
         self.stop()
         raise RuntimeError(f"voxelgate scp did not come up in {timeout_s:.0f} s: {self.log()}")
 
-    def log(self) -> str:
-        """The tail of the listener's output."""
-        return self.log_path.read_text(errors="replace")[-6000:]
+    def log(self, tail: int | None = 6000) -> str:
+        """The listener's output (its last ``tail`` characters; ``None``: all of it)."""
+        text = self.log_path.read_text(errors="replace")
+        return text if tail is None else text[-tail:]
 
     def alive(self) -> bool:
         """Whether the process still runs."""
