@@ -120,3 +120,10 @@ def test_storescu_to_listener_to_worker_to_orthanc(
     assert first_derived.StudyInstanceUID == first_source.StudyInstanceUID
     assert first_derived.FrameOfReferenceUID == first_source.FrameOfReferenceUID
     assert not np.array_equal(derived.volume.array, original.volume.array)  # denoised
+
+    # No patient identifiers in what the listener and the worker logged on the way.
+    logs = worker.log_path.read_text(errors="replace") + scp.log_path.read_text(errors="replace")
+    for keyword in ("PatientName", "PatientID"):
+        value = str(first_source.get(keyword, "")).strip()
+        if len(value) >= 3:
+            assert value not in logs, f"{keyword} appears in a log"
