@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import VoxelgateError
-from service.delivery import rows
+from service.delivery import attempts, rows
+from service.delivery.attempts import DeliveryClaim
 from service.delivery.dimse import store_files
 from service.delivery.errors import DeliveryFailed
-from service.delivery.rows import DeliveryClaim
 from service.delivery.sources import extract_dicom_outputs
 from service.dicom.config import DicomConfig, Node, load_dicom_config
 from service.dicom.dicomweb import describe, stow_instances
@@ -39,9 +39,9 @@ class _Toucher:
 
     def __call__(self, done: int) -> None:
         del done
-        if time.monotonic() - self.last >= rows.TOUCH_INTERVAL_S:
+        if time.monotonic() - self.last >= attempts.TOUCH_INTERVAL_S:
             self.last = time.monotonic()
-            if not rows.touch(self.settings, self.held):
+            if not attempts.touch(self.settings, self.held):
                 raise DeliveryFailed("the attempt lost its claim on the delivery")
 
 
@@ -107,7 +107,7 @@ def run_delivery(settings: Settings, delivery_id: str) -> str | None:
         The row's state afterwards (``delivered``, ``pending``, ``failed``), or None when there
         was nothing to claim (a duplicate or early message, or a row already handled).
     """
-    held = rows.claim(settings, delivery_id)
+    held = attempts.claim(settings, delivery_id)
     if held is None:
         return None
     log.info("delivery %s: attempt %d to %s", held.delivery_id, held.attempt, held.node)
@@ -128,7 +128,7 @@ def run_delivery(settings: Settings, delivery_id: str) -> str | None:
     except Exception as exc:  # translate once: unexpected, logged, retried while attempts last
         log.exception("delivery %s: unexpected error", held.delivery_id)
         return _failed(settings, held, transport, exc, retry=True)
-    if not rows.succeed(settings, held, transport, sent, detail):
+    if not attempts.succeed(settings, held, transport, sent, detail):
         log.warning("delivery %s: attempt lost its claim before finishing", held.delivery_id)
         return None
     log.info("delivery %s: %d instance(s) delivered to %s", held.delivery_id, sent, held.node)
@@ -145,7 +145,7 @@ def _failed(
     sent: int = 0,
 ) -> str | None:
     message = str(exc) if isinstance(exc, VoxelgateError) else f"{type(exc).__name__}: {exc}"
-    state = rows.fail_attempt(settings, held, transport, message, retry=retry, sent=sent)
+    state = attempts.fail_attempt(settings, held, transport, message, retry=retry, sent=sent)
     log.warning(
         "delivery %s: attempt %d to %s failed (%s): %s",
         held.delivery_id,

@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 
 from models.registry import all_specs
-from service.delivery import rows as deliveries
+from service.delivery import attempts as deliveries
 from service.jobs.lifecycle import add_message, apply_update
 from service.jobs.queue import Doorbell, broker_epoch, send_doorbell, time_limits
 from service.settings import Settings

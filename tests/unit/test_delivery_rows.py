@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from service.delivery import rows
+from service.delivery import attempts, rows
 from service.dicom.config import load_dicom_config
 from service.errors import Conflict, InvalidParameters
 from service.settings import Settings
@@ -139,30 +139,30 @@ def test_claim_once_retry_with_backoff_until_attempts_are_spent(
     job_id = _job(settings, ["pacs"])
     _finish(settings, job_id, "succeeded")
     (delivery_id,) = rows.after_job(settings, load_dicom_config(settings), job_id)
-    held = rows.claim(settings, delivery_id)
+    held = attempts.claim(settings, delivery_id)
     assert held is not None
     assert held.attempt == 1
-    assert rows.claim(settings, delivery_id) is None  # a duplicate message claims nothing
+    assert attempts.claim(settings, delivery_id) is None  # a duplicate message claims nothing
     t0 = now()
-    assert rows.fail_attempt(settings, held, "dimse", "peer down", retry=True) == "pending"
+    assert attempts.fail_attempt(settings, held, "dimse", "peer down", retry=True) == "pending"
     row = _rows(settings, job_id)["pacs"]
     assert row["state"] == "pending"
     assert row["attempts"] == 1
     assert 9.0 <= row["next"] - t0 <= 11.0  # first backoff: 10 s
     assert published[-1] == (delivery_id, 10.0)
-    assert rows.claim(settings, delivery_id) is None  # not due yet
+    assert attempts.claim(settings, delivery_id) is None  # not due yet
     _make_due(settings, delivery_id)
-    second = rows.claim(settings, delivery_id)
+    second = attempts.claim(settings, delivery_id)
     assert second is not None
     assert second.attempt == 2
-    assert rows.fail_attempt(settings, held, "dimse", "stale", retry=True) is None  # lost token
-    assert rows.fail_attempt(settings, second, "dimse", "peer down", retry=True) == "pending"
+    assert attempts.fail_attempt(settings, held, "dimse", "stale", retry=True) is None  # lost token
+    assert attempts.fail_attempt(settings, second, "dimse", "peer down", retry=True) == "pending"
     assert published[-1] == (delivery_id, 20.0)
     _make_due(settings, delivery_id)
-    third = rows.claim(settings, delivery_id)
+    third = attempts.claim(settings, delivery_id)
     assert third is not None
     assert third.attempt == 3
-    assert rows.fail_attempt(settings, third, "dimse", "peer down", retry=True) == "failed"
+    assert attempts.fail_attempt(settings, third, "dimse", "peer down", retry=True) == "failed"
     assert _rows(settings, job_id)["pacs"]["state"] == "failed"
     with session_scope(settings.resolved_database_url) as s:
         outcomes = [
@@ -176,9 +176,9 @@ def test_a_permanent_failure_is_not_retried(settings: Settings, published: list[
     job_id = _job(settings, ["pacs"])
     _finish(settings, job_id, "succeeded")
     (delivery_id,) = rows.after_job(settings, load_dicom_config(settings), job_id)
-    held = rows.claim(settings, delivery_id)
+    held = attempts.claim(settings, delivery_id)
     assert held is not None
-    assert rows.fail_attempt(settings, held, "dimse", "no outputs", retry=False) == "failed"
+    assert attempts.fail_attempt(settings, held, "dimse", "no outputs", retry=False) == "failed"
     assert len(published) == 1  # only the first publish
 
 
@@ -187,9 +187,9 @@ def test_delivered_is_idempotent_unless_forced(settings: Settings, published: li
     _finish(settings, job_id, "succeeded")
     config = load_dicom_config(settings)
     (delivery_id,) = rows.after_job(settings, config, job_id)
-    held = rows.claim(settings, delivery_id)
+    held = attempts.claim(settings, delivery_id)
     assert held is not None
-    assert rows.succeed(settings, held, "dimse", 3, {"associations": 1})
+    assert attempts.succeed(settings, held, "dimse", 3, {"associations": 1})
     with session_scope(settings.resolved_database_url) as s:
         job = s.get(Job, job_id)
         assert job is not None
@@ -230,7 +230,7 @@ def test_reaper_takes_back_stale_claims_resolves_and_republishes(
     stale_job = _job(settings, ["pacs"])
     _finish(settings, stale_job, "succeeded")
     (stale_id,) = rows.after_job(settings, load_dicom_config(settings), stale_job)
-    held = rows.claim(settings, stale_id)
+    held = attempts.claim(settings, stale_id)
     assert held is not None
     cancelled_job = _job(settings, ["pacs"])  # cancelled by a path that skips the runner hook
     _finish(settings, cancelled_job, "cancelled")
@@ -238,19 +238,19 @@ def test_reaper_takes_back_stale_claims_resolves_and_republishes(
     _finish(settings, lost_job, "succeeded")
     (lost_id,) = rows.after_job(settings, load_dicom_config(settings), lost_job)
     with session_scope(settings.resolved_database_url) as s:
-        old = now() - rows.claim_timeout_s(settings) - 1
+        old = now() - attempts.claim_timeout_s(settings) - 1
         s.execute(update(Delivery).where(Delivery.id == stale_id).values(claimed_at=old))
-        overdue = now() - rows.REPUBLISH_GRACE_S - 1
+        overdue = now() - attempts.REPUBLISH_GRACE_S - 1
         s.execute(update(Delivery).where(Delivery.id == lost_id).values(next_attempt_at=overdue))
     published.clear()
-    again = rows.reap(settings)
+    again = attempts.reap(settings)
     assert sorted(again) == sorted([stale_id, lost_id])
     assert sorted(p[0] for p in published) == sorted(again)
     assert _rows(settings, stale_job)["pacs"]["state"] == "pending"
     assert _rows(settings, cancelled_job)["pacs"]["state"] == "failed"
-    assert rows.touch(settings, held) is False  # the lost sender finds out
+    assert attempts.touch(settings, held) is False  # the lost sender finds out
     published.clear()
-    assert rows.reap(settings) == []  # just re-sent: nothing again within the grace period
+    assert attempts.reap(settings) == []  # just re-sent: nothing again within the grace period
 
 
 def test_a_retried_job_keeps_its_destinations(
