@@ -4,10 +4,17 @@ Modules (import the one you need; this package imports nothing heavy by itself):
 
 * :mod:`models.physics.geometry`: :class:`~models.physics.geometry.ParallelBeamGeometry`, the
   2D parallel-beam scanner description and the image/angle/detector conventions.
+* :mod:`models.physics.fan_geometry`: :class:`~models.physics.fan_geometry.FanBeamGeometry`,
+  fan beam with an equiangular (curved) or flat detector, source and fan-angle conventions.
 * :mod:`models.physics.projector`: the :class:`~models.physics.projector.Projector` protocol
   (forward projection, its exact adjoint, filtered backprojection), the default torch backend
   :class:`~models.physics.projector.TorchParallelProjector` and
-  :func:`~models.physics.projector.make_projector`.
+  :func:`~models.physics.projector.make_projector` (parallel or fan beam).
+* :mod:`models.physics.fan_projector`: :class:`~models.physics.fan_projector.TorchFanProjector`
+  (Joseph forward projection, exact adjoint, fan-beam FBP with cosine/distance and Parker
+  weights); :mod:`models.physics.joseph` is the ray engine it shares.
+* :mod:`models.physics.iterative`: SIRT, CGLS and TV (Chambolle-Pock) reconstruction with a
+  data-consistency report.
 * :mod:`models.physics.astra_backend`: an optional cross-check backend on the ASTRA toolbox
   (GPLv3, never imported unless asked for).
 * :mod:`models.physics.lowdose`: HU <-> linear attenuation conversion, Poisson low-dose

@@ -8,16 +8,25 @@ whether the input had a batch axis, so results can be given back in the caller's
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from models.errors import InputRejected
-from models.physics.geometry import ParallelBeamGeometry
 
 FloatArray = npt.NDArray[np.floating[Any]]
 """A numpy float array (float32 unless a projector was built for float64)."""
+
+
+class _Shapes(Protocol):
+    """What the checks need of a geometry (parallel or fan beam)."""
+
+    @property
+    def image_shape(self) -> tuple[int, int]: ...
+
+    @property
+    def sinogram_shape(self) -> tuple[int, int]: ...
 
 
 def _as_batch(
@@ -47,7 +56,7 @@ def _as_batch(
 
 
 def as_image_batch(
-    image: npt.ArrayLike, geometry: ParallelBeamGeometry, dtype: npt.DTypeLike = np.float32
+    image: npt.ArrayLike, geometry: _Shapes, dtype: npt.DTypeLike = np.float32
 ) -> tuple[FloatArray, bool]:
     """Validate an image or image batch against a geometry.
 
@@ -67,7 +76,7 @@ def as_image_batch(
 
 
 def as_sinogram_batch(
-    sinogram: npt.ArrayLike, geometry: ParallelBeamGeometry, dtype: npt.DTypeLike = np.float32
+    sinogram: npt.ArrayLike, geometry: _Shapes, dtype: npt.DTypeLike = np.float32
 ) -> tuple[FloatArray, bool]:
     """Validate a sinogram or sinogram batch against a geometry.
 

@@ -34,7 +34,12 @@ def fbp_padded_length(n_det: int) -> int:
     return max(64, 1 << math.ceil(math.log2(2 * n_det)))
 
 
-def fbp_filter(n_det: int, filter_name: FilterName, cutoff: float = 0.5) -> npt.NDArray[np.float64]:
+def fbp_filter(
+    n_det: int,
+    filter_name: FilterName,
+    cutoff: float = 0.5,
+    equiangular_step_rad: float | None = None,
+) -> npt.NDArray[np.float64]:
     """Frequency response of the FBP filter, for a real FFT of length :func:`fbp_padded_length`.
 
     The ramp is the Fourier transform of the band-limited spatial ramp kernel of Ramachandran
@@ -48,6 +53,10 @@ def fbp_filter(n_det: int, filter_name: FilterName, cutoff: float = 0.5) -> npt.
         n_det: Number of detector bins.
         filter_name: One of :data:`FILTER_NAMES`.
         cutoff: Highest frequency passed (cycles per bin), in (0, 0.5].
+        equiangular_step_rad: For an equiangular (curved) fan-beam detector, its angular pitch
+            ``alpha`` (rad): the spatial kernel is then multiplied by ``(n alpha / sin(n alpha))^2``
+            (Kak & Slaney, eq. 3.3.1) for the lags ``|n| < n_det`` a convolution over the
+            detector uses. ``None`` (default): the plain ramp of a parallel/flat detector.
 
     Returns:
         Real response, shape ``(P // 2 + 1,)`` with ``P = fbp_padded_length(n_det)``; it acts
@@ -65,6 +74,10 @@ def fbp_filter(n_det: int, filter_name: FilterName, cutoff: float = 0.5) -> npt.
     kernel[0] = 0.25
     odd = (np.abs(n) % 2) == 1
     kernel[odd] = -1.0 / (np.pi * n[odd]) ** 2
+    if equiangular_step_rad is not None:
+        angle = n * float(equiangular_step_rad)
+        used = (np.abs(n) < n_det) & (n != 0)
+        kernel[used] *= (angle[used] / np.sin(angle[used])) ** 2
     ramp = np.fft.rfft(kernel).real
     g = np.fft.rfftfreq(size) / cutoff
     window: npt.NDArray[np.float64]

@@ -20,6 +20,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from models.errors import InputRejected
+from models.physics.fan_geometry import Geometry
 from models.physics.fbp_filters import FilterName, check_filter_name
 from models.physics.geometry import ParallelBeamGeometry
 from models.physics.projector import Projector, TorchParallelProjector
@@ -90,7 +91,7 @@ class LowDoseSimulation:
 
     noisy_hu: npt.NDArray[np.float32]
     reference_hu: npt.NDArray[np.float32]
-    geometry: ParallelBeamGeometry
+    geometry: Geometry
     i0: float
     n_views: int
     seed: int
