@@ -22,7 +22,10 @@ from service.store.tables import Delivery, Job, new_id, now
 
 log = logging.getLogger(__name__)
 
-REPUBLISH_GRACE_S = 30.0
+# A pending row still unclaimed this long after it was due lost its message (broker restart, a
+# crash between commit and publish) or waits behind a busy io queue: it is published again, at
+# most once per this period (a duplicate message claims nothing).
+REPUBLISH_GRACE_S = 120.0
 _BATCH = 500
 
 
