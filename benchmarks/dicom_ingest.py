@@ -8,16 +8,22 @@ UIDs are filled in, or storescu cannot send the files), plus Gaussian noise (sig
 ``numpy.random.default_rng(seed)``); written uncompressed (Explicit VR Little Endian, int16, the
 source's header otherwise), with UIDs generated from the seed (deterministic) and a synthetic
 patient. Both peers receive the same files from dcmtk ``storescu`` in one association (the same
-command line, with dcmtk's ``TCP_NODELAY=1``; each peer announces its own maximum PDU). Orthanc
-runs twice: as Debian ships it, and with ``TCP_NODELAY=1`` in its environment (its DICOM stack is
-dcmtk, which otherwise leaves Nagle's algorithm on: about 50 ms per instance here). Our listener
-fsyncs each instance (file and folder entry) before it answers; Orthanc answers once the
-instance is in its index.
+command line, with dcmtk's ``TCP_NODELAY=1``; each peer announces its own maximum PDU).
 
-Measured per peer and repeat (a fresh peer each time): wall time of ``storescu`` until the last
-C-STORE response (instances/s, MB/s of the files sent). Orthanc has indexed an instance when it
-answers; our listener has spooled it (validated, written atomically), so we also report the
-time of the ingest that follows (``flush_study``: index rows, moves into the store) and the sum.
+Peers, each run ``--repeats`` times in rotating order, a fresh peer (empty storage) each time:
+
+* ``voxelgate``: ``voxelgate scp`` as configured by default: each instance validated and written
+  atomically into the spool before the answer (not fsynced, like Orthanc's own files);
+* ``voxelgate, fsync``: the same with ``listener.fsync_instances = true`` (file and folder entry
+  flushed to disk before each answer);
+* ``Orthanc, as shipped``: Debian's Orthanc 1.10 with the test launcher's configuration;
+* ``Orthanc, tuned``: the same with ``TCP_NODELAY=1`` in its environment (its DICOM stack is
+  dcmtk, which otherwise leaves Nagle's algorithm on: about 50 ms per instance here) and
+  ``MaximumPduLength`` 128 KiB (the largest PDU storescu sends).
+
+Measured: wall time of ``storescu`` until the last C-STORE response (instances/s, MB/s of the
+files sent). Orthanc has indexed an instance when it answers; our listener has spooled it, so the
+ingest that follows (``flush_study``: index rows, files moved into the store) is timed too.
 
     python benchmarks/dicom_ingest.py [--slices 275] [--repeats 3] [--seed 0] [--keep DIR]
 """
@@ -49,6 +55,7 @@ from tests.integration.pacs.orthanc import OrthancPeer, orthanc_available  # noq
 
 SOURCE = REPO.parent / "shared" / "data" / "totalsegmentator" / "example_ct_dicom"
 SENDER = "BENCHSCU"
+TUNED = {"MaximumPduLength": 131072}  # the largest PDU storescu sends (Debian default: 16 KiB)
 
 
 def simulate_study(out: Path, n_slices: int, seed: int) -> list[Path]:
@@ -111,7 +118,7 @@ def send(port: int, called_ae: str, folder: Path) -> float:
     return elapsed
 
 
-def run_ours(folder: Path, work: Path, n: int) -> dict[str, float]:
+def run_ours(folder: Path, work: Path, n: int, *, fsync: bool) -> dict[str, float]:
     from service.dicom.stable import flush_study
     from service.settings import Settings
     from service.store.auth import ensure_tenant
@@ -119,7 +126,7 @@ def run_ours(folder: Path, work: Path, n: int) -> dict[str, float]:
 
     settings = Settings(data_dir=work / "vg-data")
     nodes = {"bench": {"ae_title": SENDER, "host": "127.0.0.1", "port": 104}}
-    scp = ScpProcess.start(settings, work, nodes=nodes, stable_age_s=3600.0)
+    scp = ScpProcess.start(settings, work, nodes=nodes, stable_age_s=3600.0, fsync_instances=fsync)
     try:
         seconds = send(scp.port, LISTENER_AE, folder)
     finally:
@@ -136,14 +143,14 @@ def run_ours(folder: Path, work: Path, n: int) -> dict[str, float]:
     return {"cstore_s": seconds, "ingest_s": ingest}
 
 
-def run_orthanc(folder: Path, work: Path, n: int, *, nodelay: bool) -> dict[str, float]:
+def run_orthanc(folder: Path, work: Path, n: int, *, tuned: bool) -> dict[str, float]:
     saved = os.environ.get("TCP_NODELAY")
-    if nodelay:  # Orthanc's DICOM stack is dcmtk: TCP_NODELAY=1 switches Nagle off
+    if tuned:  # Orthanc's DICOM stack is dcmtk: TCP_NODELAY=1 switches Nagle off
         os.environ["TCP_NODELAY"] = "1"
     else:
         os.environ.pop("TCP_NODELAY", None)
     try:
-        peer = OrthancPeer.start(work)
+        peer = OrthancPeer.start(work, config=TUNED if tuned else None)
     finally:
         os.environ.pop("TCP_NODELAY", None)
         if saved is not None:
@@ -179,16 +186,17 @@ def main() -> int:
             f"study: {len(files)} instances, {megabytes:.1f} MB, simulated in "
             f"{time.perf_counter() - t0:.1f} s"
         )
-        peers = ("voxelgate", "orthanc", "orthanc-nodelay")
+        peers = ("voxelgate", "voxelgate-fsync", "orthanc", "orthanc-tuned")
         rows: dict[str, list[dict[str, float]]] = {p: [] for p in peers}
         for r in range(args.repeats):  # rotate the order so no peer always goes first
-            for peer in peers[r % 3 :] + peers[: r % 3]:
+            for peer in peers[r % 4 :] + peers[: r % 4]:
                 work = base / f"{peer}-{r}"
-                if peer == "voxelgate":
-                    rows[peer].append(run_ours(folder, work, len(files)))
+                if peer.startswith("voxelgate"):
+                    fsync = peer.endswith("fsync")
+                    rows[peer].append(run_ours(folder, work, len(files), fsync=fsync))
                 else:
-                    nodelay = peer == "orthanc-nodelay"
-                    rows[peer].append(run_orthanc(folder, work, len(files), nodelay=nodelay))
+                    tuned = peer.endswith("tuned")
+                    rows[peer].append(run_orthanc(folder, work, len(files), tuned=tuned))
                 shutil.rmtree(work, ignore_errors=True)
         report = summarise(rows, len(files), megabytes)
         if args.json:
@@ -201,13 +209,14 @@ def main() -> int:
 
 def summarise(rows: dict[str, list[dict[str, float]]], n: int, megabytes: float) -> dict[str, Any]:
     report: dict[str, Any] = {"instances": n, "megabytes": round(megabytes, 1)}
-    print(f"{'peer':30s} {'median s':>9s} {'inst/s':>8s} {'MB/s':>7s}   runs (s)")
+    print(f"{'peer':28s} {'median s':>9s} {'inst/s':>8s} {'MB/s':>7s}   runs (s)")
     for label, peer, key in (
         ("voxelgate C-STORE", "voxelgate", "cstore_s"),
         ("voxelgate ingest after", "voxelgate", "ingest_s"),
         ("voxelgate C-STORE + ingest", "voxelgate", "total"),
+        ("voxelgate C-STORE, fsync", "voxelgate-fsync", "cstore_s"),
         ("Orthanc C-STORE, as shipped", "orthanc", "cstore_s"),
-        ("Orthanc C-STORE, TCP_NODELAY", "orthanc-nodelay", "cstore_s"),
+        ("Orthanc C-STORE, tuned", "orthanc-tuned", "cstore_s"),
     ):
         if key == "total":
             runs = [row["cstore_s"] + row["ingest_s"] for row in rows[peer]]
@@ -221,11 +230,11 @@ def summarise(rows: dict[str, list[dict[str, float]]], n: int, megabytes: float)
             "runs_s": [round(x, 3) for x in runs],
         }
         print(
-            f"{label:30s} {median:9.3f} {n / median:8.1f} {megabytes / median:7.1f}   "
+            f"{label:28s} {median:9.3f} {n / median:8.1f} {megabytes / median:7.1f}   "
             + " ".join(f"{x:.2f}" for x in runs)
         )
     ours = report["voxelgate C-STORE"]["median_s"]
-    for label in ("Orthanc C-STORE, as shipped", "Orthanc C-STORE, TCP_NODELAY"):
+    for label in ("Orthanc C-STORE, as shipped", "Orthanc C-STORE, tuned"):
         ratio = report[label]["median_s"] / ours
         report[f"speedup vs {label}"] = round(ratio, 2)
         print(f"C-STORE speed, voxelgate / {label}: {ratio:.2f}x")

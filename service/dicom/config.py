@@ -82,6 +82,10 @@ class Listener(_Strict):
         accept_unknown_calling_ae: Accept associations from AE titles that are no configured node.
         max_pdu: Largest PDU we receive, bytes (0: no limit).
         max_associations: Associations served at once.
+        fsync_instances: Flush each received instance to disk (file and folder entry) before
+            answering C-STORE: nothing answered is lost even on power failure, at the cost of
+            two disk flushes per instance. Off: written atomically (a crashed listener never
+            leaves a partial file), durable once the kernel writes it back, like Orthanc's files.
     """
 
     ae_title: str = "VOXELGATE"
@@ -93,6 +97,7 @@ class Listener(_Strict):
     accept_unknown_calling_ae: bool = False
     max_pdu: int = Field(1_048_576, ge=0)
     max_associations: int = Field(16, ge=1, le=256)
+    fsync_instances: bool = False
 
     @field_validator("ae_title")
     @classmethod

@@ -5,8 +5,8 @@ takes the data set exactly as the peer encoded it (no decode / re-encode), parse
 with large values deferred, checks the UIDs and that the pixel data is as long as declared,
 looks up the SOP Instance UID among the tenant's stored instances when the store already holds
 the study (one indexed query per association and study, one per instance only then) and links
-the file into the spool (fsynced before the answer). Ingest, audit and routing happen later,
-once the study is stable (:mod:`service.dicom.stable`).
+the file into the spool (flushed to disk first with ``listener.fsync_instances``). Ingest, audit
+and routing happen later, once the study is stable (:mod:`service.dicom.stable`).
 
 Errors are translated into DICOM statuses here, once: :class:`Refused` carries a status and an
 ``ErrorComment`` (never a patient attribute); any other exception becomes 0xC211 and is logged
@@ -25,20 +25,34 @@ import shutil
 import threading
 import traceback
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import pydicom
 from pydicom import uid as tsuid
 from pydicom.dataset import Dataset
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pydicom.filereader import read_dataset
+from pynetdicom import (
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    AllStoragePresentationContexts,
+    evt,
+)
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
 from service.dicom.config import DicomConfig
-from service.dicom.spool import Sidecar, Spool, dataset_bytes, spool_for, study_key
+from service.dicom.spool import (
+    Sidecar,
+    Spool,
+    dataset_bytes,
+    part10_head,
+    spool_for,
+    study_key,
+)
 from service.ingest.scan import derive_uid, patient_key
 from service.settings import Settings
 from service.store.blobs import blob_store
@@ -77,6 +91,7 @@ TRUNCATED = 0xC102
 HANDLER_FAILED = 0xC211
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _DEFER_BYTES = 4096
+_IMPLEMENTATION = (PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION)
 FAST_LOOP_DELAY_S: float | None = 0.0001
 """Poll period of the DUL reactor of an association that sends instances (pynetdicom: 1 ms).
 
@@ -114,12 +129,17 @@ class Header:
 
 
 def parse_header(
-    part10: bytes, sop_class_uid: str, sop_instance_uid: str, tenant_id: str
+    dataset: bytes,
+    transfer_syntax: str,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    tenant_id: str,
 ) -> Header:
-    """Parse and check the header of one received instance (large values are not read).
+    """Parse and check the header of one received data set (large values are not read).
 
     Args:
-        part10: The instance as a DICOM Part 10 byte string.
+        dataset: The encoded data set, as the peer sent it (no file meta).
+        transfer_syntax: Its transfer syntax (the presentation context's).
         sop_class_uid: The request's Affected SOP Class UID.
         sop_instance_uid: The request's Affected SOP Instance UID.
         tenant_id: Owner (keys the derived StudyInstanceUID exactly as the ingest does).
@@ -131,11 +151,19 @@ def parse_header(
         Refused: Unparseable or truncated data set; SOP Class/Instance UID other than the
             request's; a UID that is not a valid UID (at most 64 digits and dots).
     """
+    syntax = tsuid.UID(transfer_syntax)
     try:
+        if syntax == tsuid.DeflatedExplicitVRLittleEndian:
+            dataset = zlib.decompress(dataset, -zlib.MAX_WBITS)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(BytesIO(part10), defer_size=_DEFER_BYTES)
-            return _checked(ds, caught, len(part10), sop_class_uid, sop_instance_uid, tenant_id)
+            ds = read_dataset(
+                BytesIO(dataset),
+                syntax.is_implicit_VR,
+                syntax.is_little_endian,
+                defer_size=_DEFER_BYTES,
+            )
+            return _checked(ds, caught, len(dataset), sop_class_uid, sop_instance_uid, tenant_id)
     except Refused:
         raise
     except Exception as exc:  # pydicom raises many types on corrupt data sets
@@ -274,20 +302,27 @@ class StoreHandler:
         if free < self.config.listener.min_free_bytes:
             raise Refused(OUT_OF_RESOURCES, "out of resources: free disk space below watermark")
         request = event.request
-        part10 = event.encoded_dataset(include_meta=True)
-        header = parse_header(
-            part10,
-            str(request.AffectedSOPClassUID),
-            str(request.AffectedSOPInstanceUID),
-            self.tenant_id,
-        )
+        sop_class = str(request.AffectedSOPClassUID)
+        sop_instance = str(request.AffectedSOPInstanceUID)
+        transfer_syntax = str(event.context.transfer_syntax)
+        dataset = event.encoded_dataset(include_meta=False)  # as the peer encoded it
+        header = parse_header(dataset, transfer_syntax, sop_class, sop_instance, self.tenant_id)
         state = self._state(event)
-        spooled = self.spool.existing(self.tenant_id, header.study_uid, header.sop_instance_uid)
-        if spooled is None and self._study_stored(state, header.study_uid):
-            self._check_store(header.sop_instance_uid, part10)
+        if self._study_stored(state, header.study_uid) and not self.spool.existing(
+            self.tenant_id, header.study_uid, header.sop_instance_uid
+        ):
+            self._check_store(header.sop_instance_uid, dataset)
         self._note(state, header.study_uid)
+        head = part10_head(
+            sop_class, sop_instance, transfer_syntax, _IMPLEMENTATION, state.calling_ae
+        )
         outcome = self.spool.write_instance(
-            self.tenant_id, header.study_uid, header.sop_instance_uid, part10
+            self.tenant_id,
+            header.study_uid,
+            header.sop_instance_uid,
+            head,
+            dataset,
+            durable=self.config.listener.fsync_instances,
         )
         if outcome == "differs":
             raise Refused(DUPLICATE_INSTANCE, "duplicate SOPInstanceUID with different content")
@@ -314,7 +349,7 @@ class StoreHandler:
             state.stored[study_uid] = known
         return known
 
-    def _check_store(self, sop_instance_uid: str, part10: bytes) -> None:
+    def _check_store(self, sop_instance_uid: str, dataset: bytes) -> None:
         """Refuse an instance the store holds with other content (indexed lookup, no write)."""
         query = (
             select(Instance.blob_key)
@@ -332,7 +367,7 @@ class StoreHandler:
         if blob_key is None:
             return
         stored = (self.blobs_root / blob_key).read_bytes()
-        if dataset_bytes(stored) != dataset_bytes(part10):
+        if dataset_bytes(stored) != dataset:
             raise Refused(DUPLICATE_INSTANCE, "duplicate SOPInstanceUID with different content")
         # identical to the stored instance: spooling it again is harmless (a duplicate at ingest)
 

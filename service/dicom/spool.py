@@ -25,6 +25,7 @@ import os
 import shutil
 import socket
 import struct
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -75,6 +76,48 @@ def dataset_bytes(part10: bytes) -> bytes:
             length = struct.unpack_from("<H", part10, pos + 6)[0]
             pos += 8 + length
     return part10[pos:]
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def part10_head(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    implementation: tuple[str, str],
+    source_ae: str = "",
+) -> bytes:
+    """Preamble, prefix and file meta group (Explicit VR Little Endian) of a Part 10 file.
+
+    Args:
+        sop_class_uid: Media Storage SOP Class UID.
+        sop_instance_uid: Media Storage SOP Instance UID.
+        transfer_syntax_uid: Transfer syntax of the data set that follows.
+        implementation: Implementation Class UID and Version Name of the writer.
+        source_ae: Source Application Entity Title (the peer that sent it), if known.
+    """
+    body = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", _padded(sop_class_uid, b"\0")),
+            _meta_element(0x0003, b"UI", _padded(sop_instance_uid, b"\0")),
+            _meta_element(0x0010, b"UI", _padded(transfer_syntax_uid, b"\0")),
+            _meta_element(0x0012, b"UI", _padded(implementation[0], b"\0")),
+            _meta_element(0x0013, b"SH", _padded(implementation[1][:16], b" ")),
+            _meta_element(0x0016, b"AE", _padded(source_ae[:16], b" ")) if source_ae else b"",
+        )
+    )
+    length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
+    return b"\0" * 128 + b"DICM" + length + body
 
 
 @dataclass(frozen=True)
@@ -141,7 +184,7 @@ def read_sidecar(folder: Path) -> Sidecar | None:
 
 
 def _fsync_dir(folder: Path) -> None:
-    """Make a new directory entry durable (the C-STORE answer promises the instance is kept)."""
+    """Flush a folder's entries to disk (a new link survives a power failure)."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -191,9 +234,24 @@ class Spool:
         return path if path.exists() else None
 
     def write_instance(
-        self, tenant_id: str, study_uid: str, sop_instance_uid: str, part10: bytes
+        self,
+        tenant_id: str,
+        study_uid: str,
+        sop_instance_uid: str,
+        head: bytes,
+        dataset: bytes,
+        *,
+        durable: bool = False,
     ) -> WriteOutcome:
-        """Store one instance atomically in its study's live folder.
+        """Store one instance (``head`` + ``dataset``) atomically in its study's live folder.
+
+        Args:
+            tenant_id: Owner.
+            study_uid: Its StudyInstanceUID (names the folder).
+            sop_instance_uid: Its SOPInstanceUID (names the file).
+            head: Preamble and file meta (:func:`part10_head`).
+            dataset: The encoded data set.
+            durable: Flush the file and its folder entry to disk before returning.
 
         Returns:
             ``"stored"``; ``"identical"`` when the instance was spooled before with the same data
@@ -201,29 +259,36 @@ class Spool:
             spooled file is kept unchanged).
         """
         name = f"{instance_key(sop_instance_uid)}.dcm"
-        for _ in range(3):  # the folder may be claimed (renamed away) between mkdir and link
-            folder = self.study_dir(tenant_id, study_uid)
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{name}.{uuid.uuid4().hex[:8]}.part"
+        folder = self.study_dir(tenant_id, study_uid)
+        tmp = folder / f".{name}.{threading.get_ident()}.part"  # one writer per thread
+        for _ in range(3):  # the folder may be claimed (renamed away) at any moment
             try:
-                with open(tmp, "wb") as handle:
-                    handle.write(part10)
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                handle = open(tmp, "wb")  # noqa: SIM115 - closed below, before the link
+            except FileNotFoundError:
+                folder.mkdir(parents=True, exist_ok=True)
+                continue
+            try:
+                with handle:
+                    handle.write(head)
+                    handle.write(dataset)
+                    if durable:
+                        handle.flush()
+                        os.fsync(handle.fileno())
                 os.link(tmp, folder / name)
-                _fsync_dir(folder)
             except FileExistsError:
-                return self._compare(folder / name, part10)
+                return self._compare(folder / name, dataset)
             except FileNotFoundError:
                 continue
             finally:
                 tmp.unlink(missing_ok=True)
+            if durable:
+                _fsync_dir(folder)
             return "stored"
         raise OSError("spool folder kept disappearing while writing an instance")
 
     @staticmethod
-    def _compare(path: Path, part10: bytes) -> WriteOutcome:
-        same = dataset_bytes(path.read_bytes()) == dataset_bytes(part10)
+    def _compare(path: Path, dataset: bytes) -> WriteOutcome:
+        same = dataset_bytes(path.read_bytes()) == dataset
         return "identical" if same else "differs"
 
     def write_sidecar(self, tenant_id: str, sidecar: Sidecar, *, create: bool) -> None:

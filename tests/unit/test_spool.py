@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,16 @@ def ct_files() -> list[Path]:
 
 def part10(path: Path) -> bytes:
     return path.read_bytes()
+
+
+def split(data: bytes) -> tuple[bytes, bytes]:
+    """(preamble + file meta, data set) of a Part 10 byte string."""
+    body = dataset_bytes(data)
+    return data[: len(data) - len(body)], body
+
+
+def syntax(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
 
 
 def uids(path: Path) -> tuple[str, str, str]:
@@ -102,7 +113,7 @@ def test_dataset_bytes_ignores_file_meta() -> None:
 def test_parse_header_accepts_real_ct() -> None:
     path = ct_files()[0]
     sop_class, sop_uid, study_uid = uids(path)
-    header = parse_header(part10(path), sop_class, sop_uid, TENANT)
+    header = parse_header(dataset_bytes(part10(path)), syntax(path), sop_class, sop_uid, TENANT)
     assert (header.sop_instance_uid, header.study_uid) == (sop_uid, study_uid)
 
 
@@ -111,7 +122,11 @@ def test_parse_header_derives_study_uid_like_the_ingest() -> None:
     path = sorted(require_path(EXAMPLE_CT_DICOM).iterdir())[0]
     meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
     header = parse_header(
-        part10(path), meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, TENANT
+        dataset_bytes(part10(path)),
+        meta.TransferSyntaxUID,
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+        TENANT,
     )
     scanned = scan_file(path, TENANT)
     assert scanned is not None
@@ -137,7 +152,9 @@ def test_parse_header_refuses_bad_instances(tmp_path: Path, case: str, status: i
     if case == "truncated":
         data = data[:-1000]
     elif case == "garbage":
-        data = dataset_bytes(data)[:40] + b"\xff" * 64  # no preamble, nonsense elements
+        # a sequence of undefined length whose first item is no item
+        bad = struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF)
+        data = split(data)[0] + bad + struct.pack("<HHI", 0x1234, 0x5678, 8) + b"\0" * 72
     elif case == "other_sop_uid":
         sop_uid = sop_uid + ".9"
     elif case == "bad_study_uid":
@@ -145,7 +162,7 @@ def test_parse_header_refuses_bad_instances(tmp_path: Path, case: str, status: i
     elif case == "other_class":
         sop_class = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
     with pytest.raises(Refused) as caught:
-        parse_header(data, sop_class, sop_uid, TENANT)
+        parse_header(dataset_bytes(data), syntax(path), sop_class, sop_uid, TENANT)
     assert caught.value.status == status
     assert 0 < len(caught.value.comment) <= 64
 
@@ -158,10 +175,10 @@ def test_write_instance_duplicates(tmp_path: Path) -> None:
     path = ct_files()[0]
     _, sop_uid, study_uid = uids(path)
     data = part10(path)
-    assert spool.write_instance(TENANT, study_uid, sop_uid, data) == "stored"
-    assert spool.write_instance(TENANT, study_uid, sop_uid, data) == "identical"
+    assert spool.write_instance(TENANT, study_uid, sop_uid, *split(data)) == "stored"
+    assert spool.write_instance(TENANT, study_uid, sop_uid, *split(data)) == "identical"
     changed = reencoded(path, tmp_path, SeriesDescription="changed")
-    assert spool.write_instance(TENANT, study_uid, sop_uid, changed) == "differs"
+    assert spool.write_instance(TENANT, study_uid, sop_uid, *split(changed)) == "differs"
     stored = spool.existing(TENANT, study_uid, sop_uid)
     assert stored is not None
     assert stored.read_bytes() == data
@@ -175,14 +192,14 @@ def test_claim_is_exclusive_and_later_arrivals_start_a_new_folder(tmp_path: Path
     first, second = ct_files()[:2]
     _, sop1, study = uids(first)
     _, sop2, _ = uids(second)
-    spool.write_instance(TENANT, study, sop1, part10(first))
+    spool.write_instance(TENANT, study, sop1, *split(part10(first)))
     spool.write_sidecar(TENANT, Sidecar(study, "A", "B", interrupted=False), create=True)
     claimed = spool.claim_study(TENANT, study)
     assert claimed is not None
     assert spool.claim_study(TENANT, study) is None  # the second process gets nothing
     assert [p.name for p in claimed.files()] == [f"{instance_key(sop1)}.dcm"]
     assert claimed.sidecar() == Sidecar(study, "A", "B", False, claimed.sidecar().updated_at)
-    assert spool.write_instance(TENANT, study, sop2, part10(second)) == "stored"
+    assert spool.write_instance(TENANT, study, sop2, *split(part10(second))) == "stored"
     later = spool.claim_study(TENANT, study)
     assert later is not None
     assert [p.name for p in later.files()] == [f"{instance_key(sop2)}.dcm"]
@@ -196,7 +213,7 @@ def test_orphaned_claims_of_dead_processes_are_taken_back(tmp_path: Path) -> Non
     spool = Spool(tmp_path / "spool")
     path = ct_files()[0]
     _, sop_uid, study = uids(path)
-    spool.write_instance(TENANT, study, sop_uid, part10(path))
+    spool.write_instance(TENANT, study, sop_uid, *split(part10(path)))
     claimed = spool.claim_study(TENANT, study)
     assert claimed is not None
     assert list(spool.orphaned_claims(TENANT)) == []  # we are alive
@@ -241,7 +258,7 @@ def _spool_ct(settings, tenant_id: str, interrupted: bool) -> str:  # type: igno
     study = ""
     for path in ct_files():
         _, sop_uid, study = uids(path)
-        assert spool.write_instance(tenant_id, study, sop_uid, part10(path)) == "stored"
+        assert spool.write_instance(tenant_id, study, sop_uid, *split(part10(path))) == "stored"
     sidecar = Sidecar(study, "CTSCANNER", "VOXELGATE", interrupted=interrupted)
     spool.write_sidecar(tenant_id, sidecar, create=True)
     return study
@@ -321,10 +338,10 @@ def test_refused_study_is_quarantined(sqlite_settings, tmp_path: Path) -> None: 
     spool = spool_for(settings)
     first, second = ct_files()[:2]
     _, sop1, study = uids(first)
-    spool.write_instance(tenant_id, study, sop1, part10(first))
+    spool.write_instance(tenant_id, study, sop1, *split(part10(first)))
     other_patient = reencoded(second, tmp_path, PatientID="SOMEONE-ELSE")
     _, sop2, _ = uids(second)
-    spool.write_instance(tenant_id, study, sop2, other_patient)
+    spool.write_instance(tenant_id, study, sop2, *split(other_patient))
     with pytest.raises(InputRejected):
         flush_study(settings, tenant_id, study, route=True)
     failed = spool.tenant_dir(tenant_id) / ".failed"
@@ -332,3 +349,35 @@ def test_refused_study_is_quarantined(sqlite_settings, tmp_path: Path) -> None: 
     assert len(list(kept.glob("*.dcm"))) == 2
     with session_scope(settings.resolved_database_url) as s:
         assert s.scalar(select(func.count(Instance.id))) == 0
+
+
+def test_part10_head_reads_back_with_pydicom(tmp_path: Path) -> None:
+    from service.dicom.spool import part10_head
+
+    source = ct_files()[0]
+    sop_class, sop_uid, study_uid = uids(source)
+    body = dataset_bytes(source.read_bytes())
+    head = part10_head(
+        sop_class, sop_uid, syntax(source), ("1.2.826.0.1.3680043.9.1", "VG_1"), "PEER"
+    )
+    out = tmp_path / "x.dcm"
+    out.write_bytes(head + body)
+    ds = pydicom.dcmread(out)
+    assert ds.file_meta.MediaStorageSOPInstanceUID == sop_uid
+    assert ds.file_meta.TransferSyntaxUID == syntax(source)
+    assert ds.file_meta.SourceApplicationEntityTitle == "PEER"
+    assert ds.StudyInstanceUID == study_uid
+    assert ds.pixel_array.shape == (512, 512)
+    assert dataset_bytes(out.read_bytes()) == body
+
+
+@pytest.mark.parametrize(
+    "name", ["emri_small_big_endian.dcm", "emri_small_RLE.dcm", "image_dfl.dcm", "CT_small.dcm"]
+)
+def test_parse_header_other_transfer_syntaxes(pydicom_file, name: str) -> None:  # type: ignore[no-untyped-def]
+    path = pydicom_file(name)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    header = parse_header(
+        dataset_bytes(path.read_bytes()), syntax(path), ds.SOPClassUID, ds.SOPInstanceUID, TENANT
+    )
+    assert header.study_uid == ds.StudyInstanceUID

@@ -7,6 +7,7 @@ half-received may reach the store.
 from __future__ import annotations
 
 import hashlib
+import struct
 from io import BytesIO
 from pathlib import Path
 
@@ -33,6 +34,12 @@ from tests.integration.pacs.listener import (
 pytestmark = pytest.mark.integration
 
 NODES = {"scanner": node("STORESCU")}
+# a sequence of undefined length whose first item is no item: pydicom cannot parse it
+BAD_SEQUENCE = (
+    struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF)
+    + struct.pack("<HHI", 0x1234, 0x5678, 8)
+    + b"\0" * 300
+)
 RULE = {"name": "ct", "modality": "CT", "pipeline": "zeroshot-denoise"}
 
 
@@ -73,10 +80,7 @@ def test_malformed_instances_refused_and_listener_keeps_serving(  # type: ignore
     body = dataset_bytes(good.read_bytes())
     other = changed_copy(good, tmp_path / "o", SOPInstanceUID="1.2.826.0.1.3680043.9.7433.1.1")
     cases = {
-        "garbage": (
-            with_meta(good, b"\x08\x00\x05\x00XX\xff\xff" + b"\x00" * 300, tmp_path / "g"),
-            0xC100,
-        ),
+        "garbage": (with_meta(good, BAD_SEQUENCE, tmp_path / "g"), 0xC100),
         "truncated pixel data": (with_meta(good, body[:-5000], tmp_path / "t"), 0xC102),
         # the request announces the UID of the file meta, the data set holds another one
         "other SOP Instance UID": (
