@@ -10,7 +10,7 @@ A peer accepts, per SOP class, some of the transfer syntaxes we propose (see
 
 Lossy-compressed pixel data that is decompressed stays marked lossy (``LossyImageCompression``
 is kept as stored). Big-endian targets are never chosen (retired, and OW pixel data would need
-byte swapping).
+byte swapping), and a big-endian instance is sent only as it is.
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ def plan(stored: str, accepted: Collection[str]) -> Plan:
     offered = {UID(a) for a in accepted}
     if source in offered:
         return Plan(source, "none")
+    if not source.is_little_endian:  # retired; its OW pixel bytes would need swapping
+        raise InputRejected(f"the peer does not accept {source.name} and we do not convert it")
     for target in UNCOMPRESSED_TARGETS:
         if target in offered:
             return Plan(target, "decompress" if source.is_compressed else "reencode")

@@ -10,6 +10,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -71,6 +72,9 @@ def test_plan_refuses_what_it_cannot_reach() -> None:
         plan(JPEG2000Lossless, [JPEGBaseline8Bit])
     with pytest.raises(InputRejected):
         plan(ExplicitVRLittleEndian, [DeflatedExplicitVRLittleEndian])
+    with pytest.raises(InputRejected, match="Big Endian"):
+        plan(ExplicitVRBigEndian, [ExplicitVRLittleEndian])
+    assert plan(ExplicitVRBigEndian, [ExplicitVRBigEndian]).action == "none"
 
 
 def test_proposed_syntaxes_start_with_the_stored_ones() -> None:
