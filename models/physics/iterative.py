@@ -307,7 +307,7 @@ def tv_pdhg(
     projector: Projector,
     iterations: int = 300,
     *,
-    tv_weight: float = 0.002,
+    tv_weight: float = 0.001,
     nonnegative: bool = True,
     progress: ProgressCallback | None = None,
 ) -> Reconstruction:

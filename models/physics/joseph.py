@@ -54,6 +54,8 @@ class JosephRays:
         device: Torch device.
         dtype: ``torch.float32`` or ``torch.float64``.
         memory_budget_mb: Rough bound on the temporaries of one chunk (MB).
+        cache_mb: Keep the sampling grids of all rays between calls if they fit (MB; they
+            take ``4 N R`` bytes in float32); 0 disables the cache.
     """
 
     def __init__(
@@ -65,11 +67,15 @@ class JosephRays:
         device: torch.device,
         dtype: torch.dtype,
         memory_budget_mb: float = 64.0,
+        cache_mb: float = 256.0,
     ) -> None:
         self._n = image_size
         self._n_rays = points.shape[0]
         self._device, self._dtype = device, dtype
         self._budget_bytes = memory_budget_mb * 2**20
+        self._cache_budget = cache_mb * 2**20
+        self._cache: dict[int, list[tuple[slice, torch.Tensor]]] = {}
+        self._cached = 0
         half_width = (image_size + 1) * pixel_size_mm / 2.0
         centres = (np.arange(image_size) - (image_size - 1) / 2.0) * pixel_size_mm
         self._q = self._tensor(centres / half_width)
@@ -115,20 +121,52 @@ class JosephRays:
 
     # ----------------------------------------------------------------- chunks
 
-    def _chunks(self, group: _RayGroup, batch: int) -> Iterator[tuple[slice, torch.Tensor]]:
-        """Yield ``(slice into the group, aliased grid (N, 1, P, 2))`` per chunk of rays."""
+    def _chunk_size(self, group: _RayGroup, batch: int) -> int:
         itemsize = 4 if self._dtype == torch.float32 else 8
         per_ray = self._n * (3 + batch) * itemsize
-        size = max(1, min(int(self._budget_bytes // per_ray), group.index.numel()))
-        buffer = torch.empty(self._n, size, dtype=self._dtype, device=self._device)
+        return max(1, min(int(self._budget_bytes // per_ray), group.index.numel()))
+
+    def _grid(self, group: _RayGroup, part: slice, out: torch.Tensor | None) -> torch.Tensor:
+        """``(N, 1, P, 2)`` grid of the rays ``group[part]``: x = ``a + q b``, y aliases x.
+
+        On a source of height 1 the y coordinate maps to the only row whatever its value, so
+        ``grid_sample`` is exact 1D linear interpolation along the line; aliasing y to x
+        (stride 0) halves the grid's memory traffic.
+        """
+        a, b = group.a[part], group.b[part]
+        if out is None or out.shape[1] < a.numel():
+            out = torch.empty(self._n, a.numel(), dtype=self._dtype, device=self._device)
+        coords = out[:, : a.numel()]
+        torch.addcmul(a[None, :], self._q[:, None], b[None, :], out=coords)
+        return coords.unsqueeze(1).unsqueeze(-1).expand(-1, -1, -1, 2)
+
+    def _chunks(self, group: _RayGroup, batch: int) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Yield ``(slice into the group, grid (N, 1, P, 2))`` per chunk of rays.
+
+        Grids are kept between calls (iterative methods make thousands) while all of them fit
+        in ``cache_mb``; otherwise they are recomputed into one reused buffer.
+        """
+        key = id(group)
+        if key in self._cache:
+            yield from self._cache[key]
+            return
+        size = self._chunk_size(group, batch)
+        itemsize = 4 if self._dtype == torch.float32 else 8
+        nbytes = self._n * group.index.numel() * itemsize
+        cache = nbytes <= self._cache_budget - self._cached
+        buffer = (
+            None if cache else torch.empty(self._n, size, dtype=self._dtype, device=self._device)
+        )
+        chunks = []
         for start in range(0, group.index.numel(), size):
             part = slice(start, start + size)
-            count = group.a[part].numel()
-            coords = buffer[:, :count]
-            torch.mul(self._q[:, None], group.b[part][None, :], out=coords)
-            coords.add_(group.a[part][None, :])
-            # y of the grid aliases x; on a source of height 1 it is ignored (exact 1D lerp)
-            yield part, coords.unsqueeze(1).unsqueeze(-1).expand(-1, -1, -1, 2)
+            grid = self._grid(group, part, buffer)
+            if cache:
+                chunks.append((part, grid))
+            yield part, grid
+        if cache:
+            self._cache[key] = chunks
+            self._cached += nbytes
 
     @staticmethod
     def _lines(images: torch.Tensor, vertical: bool) -> torch.Tensor:
@@ -161,12 +199,12 @@ class JosephRays:
         for group in self._groups:
             for part, grid in self._chunks(group, batch):
                 rays = values[:, group.index[part]] * group.weight[part][None, :]
-                # the backward kernel is fastest on contiguous gradients and grids
+                # a contiguous gradient: the backward kernel is slower on expanded ones
                 grad = rays.reshape(1, batch, 1, -1).expand(n, -1, -1, -1).contiguous()
                 grad_source, _ = torch.ops.aten.grid_sampler_2d_backward(
                     grad,
                     shape_only,
-                    grid.contiguous(),
+                    grid,
                     _BILINEAR,
                     _ZERO_PADDING,
                     True,

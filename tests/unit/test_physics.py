@@ -147,41 +147,7 @@ def test_forward_follows_the_axis_convention() -> None:
     assert np.all(sino[:, first + n :] == 0)
 
 
-ADJOINT_CASES = [
-    # image_size, pixel, n_views, detector spacing, n_detectors, arc
-    (33, 0.8, 17, None, None, 180.0),
-    (64, 0.5, 45, 0.65, None, 360.0),  # detector coarser than pixels
-    (20, 1.0, 7, 0.6, 25, 180.0),  # finer and truncated detector
-    (31, 1.0, 1, None, None, 180.0),
-]
-
-
-@pytest.mark.parametrize(("n", "pixel", "views", "spacing", "count", "arc"), ADJOINT_CASES)
-@pytest.mark.parametrize(("dtype", "rtol"), [("float64", 1e-10), ("float32", 1e-5)])
-def test_adjoint_is_the_transpose(
-    n: int,
-    pixel: float,
-    views: int,
-    spacing: float | None,
-    count: int | None,
-    arc: float,
-    dtype: str,
-    rtol: float,
-) -> None:
-    geo = ParallelBeamGeometry(n, pixel, views, count, spacing, arc)
-    proj = TorchParallelProjector(geo, dtype=dtype)  # type: ignore[arg-type]
-    rng = np.random.default_rng(n + views)
-    x = rng.random((2, n, n))
-    y = rng.random((2, views, geo.n_det))
-    ax, aty = proj.forward(x), proj.adjoint(y)
-    assert ax.dtype == np.dtype(dtype)
-    assert aty.dtype == np.dtype(dtype)
-    lhs = float(np.vdot(ax.astype(np.float64), y))
-    rhs = float(np.vdot(x, aty.astype(np.float64)))
-    assert lhs == pytest.approx(rhs, rel=rtol)
-    # and not trivially: a wrong adjoint (e.g. the FBP backprojector) breaks the identity
-    wrong = float(np.vdot(x, proj.fbp(y).astype(np.float64)))
-    assert abs(wrong - lhs) > 1e-3 * abs(lhs)
+# Adjointness of every operator: tests/unit/test_physics_adjoint.py
 
 
 def test_batches_match_single_images() -> None:
