@@ -381,3 +381,34 @@ def test_parse_header_other_transfer_syntaxes(pydicom_file, name: str) -> None: 
         dataset_bytes(path.read_bytes()), syntax(path), ds.SOPClassUID, ds.SOPInstanceUID, TENANT
     )
     assert header.study_uid == ds.StudyInstanceUID
+
+
+def test_handler_turns_unexpected_errors_into_a_status(sqlite_settings, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A bug in the handler answers 0xC211 (type name only) instead of killing the listener."""
+    import logging
+    from types import SimpleNamespace
+
+    from service.dicom.config import DicomConfig
+    from service.dicom.scp import HANDLER_FAILED, StoreHandler
+
+    handler = StoreHandler(sqlite_settings, DicomConfig(), TENANT)
+
+    def explode(include_meta: bool = True) -> bytes:
+        raise RuntimeError("secret patient detail")
+
+    assoc = SimpleNamespace(
+        requestor=SimpleNamespace(ae_title="A"), acceptor=SimpleNamespace(ae_title="B")
+    )
+    event = SimpleNamespace(
+        assoc=assoc,
+        request=SimpleNamespace(AffectedSOPClassUID="1.2", AffectedSOPInstanceUID="1.2.3"),
+        context=SimpleNamespace(transfer_syntax="1.2.840.10008.1.2.1"),
+        encoded_dataset=explode,
+    )
+    with caplog.at_level(logging.ERROR, logger="service.dicom.scp"):
+        answer = handler.handle_store(event)
+    assert answer.Status == HANDLER_FAILED
+    assert "RuntimeError" in answer.ErrorComment
+    assert "secret" not in answer.ErrorComment
+    assert "RuntimeError" in caplog.text
+    assert "secret" not in caplog.text
