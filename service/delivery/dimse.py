@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
-from pynetdicom import AE, build_context
+from pynetdicom import AE, _config, build_context
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
@@ -125,17 +126,24 @@ def _accepted(assoc: Association) -> dict[UID, list[UID]]:
     return accepted
 
 
+def _payload(item: _Item, chosen: transcode.Plan) -> Path | Dataset:
+    """The file itself when it goes as stored (streamed, never decoded), else the converted set."""
+    if chosen.action == "none":
+        return item.path
+    return transcode.apply(dcmread(item.path), chosen)
+
+
 def _send_one(assoc: Association, item: _Item, accepted: list[UID], report: StoreReport) -> None:
     try:
         chosen = transcode.plan(item.syntax, accepted)
-        ds = transcode.apply(dcmread(item.path), chosen)
+        payload = _payload(item, chosen)
     except InputRejected as exc:
         log.warning("C-STORE: instance %d not sent: %s", item.index, exc)
         report.failed.append((item.index, -1))
         return
     if chosen.action != "none":
         report.transcoded[chosen.action] = report.transcoded.get(chosen.action, 0) + 1
-    status = assoc.send_c_store(ds)
+    status = assoc.send_c_store(payload)
     code = int(getattr(status, "Status", -1)) if status is not None else -1
     if not status or code == -1:
         raise DeliveryFailed(
@@ -175,6 +183,34 @@ def store_files(
     if not node.has_dimse:
         raise DeliveryFailed(f"node {node.name} has no DIMSE service", retry=False)
     report = StoreReport()
+    # A file sent as stored is streamed from disk by pynetdicom (its file meta names the SOP
+    # class, instance and syntax), with no decode/encode; the flag is process-wide, so it is set
+    # for this batch only (a worker process runs one task at a time).
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        _send_batches(node, files, settings, calling_ae, progress, report)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+    log.info(
+        "C-STORE to %s: %d sent, %d failed, transcoded %s, %d association(s)",
+        node.name,
+        report.sent,
+        len(report.failed),
+        report.transcoded or "none",
+        report.associations,
+    )
+    return report
+
+
+def _send_batches(
+    node: Node,
+    files: Sequence[Path],
+    settings: Settings,
+    calling_ae: str,
+    progress: Progress | None,
+    report: StoreReport,
+) -> None:
     done = 0
     for items, contexts in _batches(_scan(files)):
         assoc = _associate(node, settings, calling_ae, contexts)
@@ -189,12 +225,3 @@ def store_files(
         finally:
             if assoc.is_established:
                 assoc.release()
-    log.info(
-        "C-STORE to %s: %d sent, %d failed, transcoded %s, %d association(s)",
-        node.name,
-        report.sent,
-        len(report.failed),
-        report.transcoded or "none",
-        report.associations,
-    )
-    return report
