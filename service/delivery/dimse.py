@@ -143,7 +143,12 @@ def _send_one(assoc: Association, item: _Item, accepted: list[UID], report: Stor
         return
     if chosen.action != "none":
         report.transcoded[chosen.action] = report.transcoded.get(chosen.action, 0) + 1
-    status = assoc.send_c_store(payload)
+    try:
+        status = assoc.send_c_store(payload)
+    except (ValueError, AttributeError) as exc:  # no context for it, or file meta incomplete
+        log.warning("C-STORE: instance %d not sent: %s", item.index, exc)
+        report.failed.append((item.index, -1))
+        return
     code = int(getattr(status, "Status", -1)) if status is not None else -1
     if not status or code == -1:
         raise DeliveryFailed(
