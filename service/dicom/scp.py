@@ -14,6 +14,12 @@ by type only. Associations are accepted only from configured nodes that ``may_se
 for our called AE title (pynetdicom rejects the others with the standard reasons "calling AE
 title not recognised" / "called AE title not recognised"). Presentation contexts for SOP classes
 that are not storage classes are rejected by pynetdicom.
+
+C-STORE statuses: 0x0000 stored (or an identical duplicate); 0x0111 an instance with this SOP
+Instance UID is spooled or stored with other content (kept unchanged); 0xA700 free disk space
+below ``listener.min_free_bytes``; 0xA900 SOP Class UID other than the request's; 0xC100 data set
+cannot be parsed; 0xC101 SOP Instance UID other than the request's, or an invalid UID; 0xC102
+data set or pixel data shorter than declared; 0xC211 unexpected error (logged by type).
 """
 
 from __future__ import annotations

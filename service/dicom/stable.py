@@ -22,7 +22,6 @@ from models.errors import InputRejected, VoxelgateError
 from service.dicom.config import DicomConfig, load_dicom_config
 from service.dicom.routing import Arrival, Routed, route_series
 from service.dicom.spool import Claimed, Sidecar, Spool, spool_for
-from service.errors import Conflict
 from service.settings import Settings
 from service.store import audit
 from service.store.blobs import blob_store
@@ -68,7 +67,9 @@ def ingest_claimed(
         The :class:`FlushResult`; ``None`` when the folder held no instance.
 
     Raises:
-        Conflict: A concurrent ingest of the same study; the folder went back to the spool.
+        InputRejected: The store refused the files (the folder is kept under ``.failed``).
+        Conflict: A concurrent ingest of the same study; the folder went back to the spool (so
+            does it on any other error).
     """
     files = claimed.files()
     sidecar = claimed.sidecar() or Sidecar(study_uid="")
@@ -99,12 +100,12 @@ def ingest_claimed(
                         "interrupted": sidecar.interrupted,
                     },
                 )
-    except Conflict:
-        spool.unclaim(claimed)
-        raise
     except InputRejected as exc:
         kept = spool.quarantine(claimed)
         log.warning("spool: study folder refused by the store, kept in %s: %s", kept, exc)
+        raise
+    except BaseException:  # a concurrent ingest (Conflict), a locked or lost database ...
+        spool.unclaim(claimed)  # back to the spool: tried again after the stable age
         raise
     spool.finish(claimed)
     routed: list[Routed] = []
@@ -216,5 +217,8 @@ class StableFlusher(threading.Thread):
             result = ingest_claimed(self.settings, self.config, self.spool, claimed, route=True)
         except VoxelgateError as exc:
             log.warning("stable flush: study not ingested (%s)", exc.code)
+            return 0
+        except Exception as exc:  # e.g. the database is unreachable: the folder is spooled again
+            log.error("stable flush: study not ingested (%s)", type(exc).__name__)
             return 0
         return int(result is not None)

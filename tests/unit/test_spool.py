@@ -412,3 +412,25 @@ def test_handler_turns_unexpected_errors_into_a_status(sqlite_settings, caplog) 
     assert "secret" not in answer.ErrorComment
     assert "RuntimeError" in caplog.text
     assert "secret" not in caplog.text
+
+
+def test_failed_ingest_gives_the_study_back_to_the_spool(  # type: ignore[no-untyped-def]
+    sqlite_settings, tmp_path: Path, monkeypatch
+) -> None:
+    import service.dicom.stable as stable
+
+    settings = sqlite_settings.model_copy(update={"dicom_config": _config(tmp_path)})
+    tenant_id = _tenant(settings)
+    study = _spool_ct(settings, tenant_id, interrupted=False)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(stable, "ingest_files", broken)
+    with pytest.raises(RuntimeError):
+        flush_study(settings, tenant_id, study, route=True)
+    monkeypatch.undo()
+    result = flush_study(settings, tenant_id, study, route=True)  # all files still there
+    assert result is not None
+    assert result.report.instances_stored == 3
+    assert not result.interrupted  # the sidecar came back too
