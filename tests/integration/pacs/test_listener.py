@@ -145,3 +145,20 @@ def test_enhanced_multiframe_and_compressed_syntaxes_accepted(  # type: ignore[n
         modalities = sorted(s.scalars(select(Series.modality)))
     assert modalities.count("MR") == 1
     assert "CT" in modalities
+
+
+def test_parallel_associations_sending_the_same_study(scp_factory, sqlite_settings) -> None:  # type: ignore[no-untyped-def]
+    """Four storescu at once, same instances: every C-STORE succeeds, each instance stored once."""
+    ct3 = sorted(require_path(CT_3SLICE).iterdir())
+    scp = scp_factory(sqlite_settings, nodes=NODES, rules=[CT_RULE], stable_age_s=1.0)
+    cmd = [dcmtk("storescu"), "-aet", SENDER_AE, "-aec", LISTENER_AE, "127.0.0.1", str(scp.port)]
+    senders = [
+        subprocess.Popen([*cmd, *map(str, ct3)], stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    for sender in senders:
+        _, err = sender.communicate(timeout=60)
+        assert sender.returncode == 0, err
+        assert "Failed" not in err
+    wait_for(lambda: store_counts(sqlite_settings) == (3, 1), 30, "3 instances and one job")
+    assert scp.alive()
