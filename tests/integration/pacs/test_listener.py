@@ -162,3 +162,21 @@ def test_parallel_associations_sending_the_same_study(scp_factory, sqlite_settin
         assert "Failed" not in err
     wait_for(lambda: store_counts(sqlite_settings) == (3, 1), 30, "3 instances and one job")
     assert scp.alive()
+
+
+def test_storescu_proposes_jpeg2000_for_the_j2k_ct(
+    scp_factory, sqlite_settings, j2k_ct_files
+) -> None:  # type: ignore[no-untyped-def]
+    """storescu needs the UIDs in the data set: the J2K CT with its empty UIDs filled in."""
+    scp = scp_factory(sqlite_settings, nodes=NODES, stable_age_s=0.5)
+    done = storescu(scp.port, j2k_ct_files, extra=["-xv"])  # propose JPEG 2000 lossless
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: store_counts(sqlite_settings)[0] == 20, 30, "20 stored instances")
+    blobs = blob_store(sqlite_settings)
+    with session_scope(sqlite_settings.resolved_database_url) as s:
+        keys = list(s.scalars(select(Instance.blob_key)))
+    syntaxes = {
+        pydicom.dcmread(blobs.path_of(k), stop_before_pixels=True).file_meta.TransferSyntaxUID
+        for k in keys
+    }
+    assert syntaxes == {JPEG2000Lossless}
