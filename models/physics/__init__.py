@@ -12,7 +12,8 @@ Modules (import the one you need; this package imports nothing heavy by itself):
   :func:`~models.physics.projector.make_projector` (parallel or fan beam).
 * :mod:`models.physics.fan_projector`: :class:`~models.physics.fan_projector.TorchFanProjector`
   (Joseph forward projection, exact adjoint, fan-beam FBP with cosine/distance and Parker
-  weights); :mod:`models.physics.joseph` is the ray engine it shares.
+  weights); :mod:`models.physics.joseph` is the ray engine both torch projectors share, and
+  :mod:`models.physics.pixel_adjoint` the gather form of the parallel-beam transpose.
 * :mod:`models.physics.iterative`: SIRT, CGLS and TV (Chambolle-Pock) reconstruction with a
   data-consistency report.
 * :mod:`models.physics.astra_backend`: an optional cross-check backend on the ASTRA toolbox

@@ -271,6 +271,6 @@ class TorchFanProjector:
                 padding_mode="zeros",
                 align_corners=True,
             )  # (V, B, 1, N^2)
-            image += torch.einsum("vbp,vp->bp", samples[:, :, 0], weight)
+            image += samples[:, :, 0].mul_(weight[:, None, :]).sum(dim=0)
         image.mul_(math.radians(geo.arc_deg) / n_views)
         return image.view(batch, n, n)

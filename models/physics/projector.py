@@ -42,6 +42,7 @@ from models.physics.fbp_filters import (
 )
 from models.physics.geometry import ParallelBeamGeometry
 from models.physics.joseph import JosephRays
+from models.physics.pixel_adjoint import PixelDrivenAdjoint, pixel_adjoint_applies
 
 BackendName = Literal["torch", "astra"]
 
@@ -139,7 +140,10 @@ class TorchParallelProjector:
     exactly the same interpolation weights, so ``<A x, y> = <x, A^T y>`` to rounding. Both
     run on the ray engine :class:`~models.physics.joseph.JosephRays` shared with fan beam,
     which keeps the sampling grids between calls while they fit in 256 MB (512^2 at 60
-    views: 89 MB, kept; at 720 views: recomputed per chunk).
+    views: 89 MB, kept; at 720 views: recomputed per chunk). With bins at least as wide as
+    the pixels, and when its tables fit in ``cache_mb`` too, the adjoint is computed as
+    gathers instead of scatters with the same weights
+    (:class:`~models.physics.pixel_adjoint.PixelDrivenAdjoint`, about 1.5-2x faster).
 
     FBP: ramp filtering by FFT (zero-padded to :func:`fbp_padded_length`, cut off at
     :func:`fbp_cutoff`) followed by a pixel-driven backprojection with linear interpolation in
@@ -157,6 +161,8 @@ class TorchParallelProjector:
         num_threads: Torch intra-op threads during calls, or ``None``.
         dtype: ``"float32"`` (default) or ``"float64"`` working and output precision.
         memory_budget_mb: Rough bound on the temporary memory of one chunk (MB).
+        cache_mb: Memory (MB) each of the forward grids and the gather-form adjoint may keep
+            between calls (speeds up iterative methods; 0 disables both caches).
 
     Raises:
         InputRejected: Unknown or unavailable device, bad dtype, thread count or budget.
@@ -170,6 +176,7 @@ class TorchParallelProjector:
         num_threads: int | None = None,
         dtype: Literal["float32", "float64"] = "float32",
         memory_budget_mb: float = 64.0,
+        cache_mb: float = 256.0,
     ) -> None:
         if not isinstance(geometry, ParallelBeamGeometry):
             raise InputRejected(f"geometry must be a ParallelBeamGeometry, got {type(geometry)}")
@@ -181,6 +188,8 @@ class TorchParallelProjector:
             raise InputRejected(f"num_threads must be a positive integer, got {num_threads!r}")
         if not memory_budget_mb > 0:
             raise InputRejected(f"memory_budget_mb must be > 0, got {memory_budget_mb!r}")
+        if not cache_mb >= 0:
+            raise InputRejected(f"cache_mb must be >= 0, got {cache_mb!r}")
         self._geometry = geometry
         self._device = _resolve_device(device)
         self._np_dtype = np.dtype(dtype)
@@ -200,6 +209,12 @@ class TorchParallelProjector:
             self._device,
             self._dtype,
             memory_budget_mb,
+            cache_mb,
+        )
+        self._pixel_adjoint = (
+            PixelDrivenAdjoint(geometry, self._device, self._dtype, memory_budget_mb, cache_mb)
+            if pixel_adjoint_applies(geometry, cache_mb)
+            else None
         )
 
     # ----------------------------------------------------------------- public API
@@ -300,6 +315,8 @@ class TorchParallelProjector:
 
     def _adjoint(self, sinograms: torch.Tensor) -> torch.Tensor:
         """``(B, n_views, n_det)`` -> ``(B, N, N)``, the transpose of :meth:`_forward`."""
+        if self._pixel_adjoint is not None:
+            return self._pixel_adjoint(sinograms)
         return self._rays.adjoint(sinograms.reshape(sinograms.shape[0], -1))
 
     # ----------------------------------------------------------------- FBP

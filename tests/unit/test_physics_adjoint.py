@@ -61,6 +61,12 @@ OPERATORS: list[tuple[str, Builder, float, bool]] = [
         1e-10,
         True,
     ),
+    (
+        "torch-parallel-scatter-adjoint-f64",  # no cache: the ray engine's scatter transpose
+        lambda: TorchParallelProjector(PAR, dtype="float64", cache_mb=0),
+        1e-10,
+        True,
+    ),
     ("torch-parallel-f32", lambda: TorchParallelProjector(PAR), 1e-5, True),
     ("torch-fan-curved-f64", lambda: TorchFanProjector(FAN_CURVED, dtype="float64"), 1e-10, True),
     ("torch-fan-flat-f64", lambda: TorchFanProjector(FAN_FLAT, dtype="float64"), 1e-10, True),
@@ -113,3 +119,12 @@ def test_adjoint_is_the_transpose(build: Builder, rtol: float, has_fbp: bool) ->
         except InputRejected:  # e.g. FBP of an arc too short for it
             return
         assert abs(wrong - lhs) > 1e-3 * scale
+
+
+def test_gather_and_scatter_adjoints_agree() -> None:
+    y = np.random.default_rng(5).standard_normal((3, *PAR_360_COARSE.sinogram_shape))
+    gather = TorchParallelProjector(PAR_360_COARSE, dtype="float64")
+    scatter = TorchParallelProjector(PAR_360_COARSE, dtype="float64", cache_mb=0)
+    assert gather._pixel_adjoint is not None
+    assert scatter._pixel_adjoint is None
+    np.testing.assert_allclose(gather.adjoint(y), scatter.adjoint(y), rtol=1e-9, atol=1e-12)
