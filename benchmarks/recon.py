@@ -14,12 +14,14 @@ on its own ``radon`` of the slice, as its geometry differs).
 
 Times: seconds of wall time (FBP best of ``--repeats``; iterative methods one run each,
 projector set-up excluded for all). PSNR: HU window [-1000, 1000] (clipped) inside the body
-mask of the slice (``estimate_body_mask``), data range 2000 HU. The ratio column is our time
-over ASTRA's for the same task. The load average is printed: on the shared 2-core machine,
+mask of the slice (``estimate_body_mask``), data range 2000 HU. The ratio column (on ASTRA's
+rows) is our time over ASTRA's for the same task. ``iradon_sart`` sweeps stop after
+``--sart-budget-s`` seconds; its time is then scaled to 50 sweeps (said in the note). The
+load average is printed: on the shared 2-core machine,
 other processes slow every figure.
 
 Run: ``python benchmarks/recon.py [--views 60 720] [--iterations 50] [--repeats 3]
-[--no-skimage] [--cache-mb 256]``.
+[--no-skimage] [--cache-mb 256] [--threads 2] [--sart-budget-s 90]``.
 """
 
 from __future__ import annotations
@@ -102,13 +104,29 @@ def astra_run(astra: Any, proj: Any, name: str, sino: np.ndarray, iterations: in
         data2d.delete([sino_id, rec_id])
 
 
+class Rows(list[tuple[str, str, float, float, str]]):
+    """Result rows ``(task, method, seconds, psnr, note)``, printed as they arrive."""
+
+    def __init__(self, views: int) -> None:
+        super().__init__()
+        self.views = views
+
+    def append(self, row: tuple[str, str, float, float, str]) -> None:
+        super().append(row)
+        task, method, t, db, note = row
+        ours = [r[2] for r in self if r[0] == task and r[1] == "ours"]
+        ratio = f"{ours[0] / t:.2f}" if method == "ASTRA" and ours else "-"
+        print(f"{self.views:>5}  {task:<12}{method:<21}{t:>9.3f}{ratio:>12}{db:>9.2f}  {note}")
+        sys.stdout.flush()
+
+
 def run_views(
     mu: np.ndarray, pixel: float, metric: Metric, views: int, args: argparse.Namespace
-) -> list[tuple[str, str, float, float, str]]:
+) -> Rows:
     """Rows ``(task, method, seconds, psnr, note)`` for one view count."""
-    rows = []
+    rows = Rows(views)
     geometry = ParallelBeamGeometry(mu.shape[0], pixel, views)
-    ours = TorchParallelProjector(geometry, num_threads=THREADS, cache_mb=args.cache_mb)
+    ours = TorchParallelProjector(geometry, num_threads=args.threads, cache_mb=args.cache_mb)
     sino = noisy(ours.forward(mu))
     t, image = timed(lambda: ours.fbp(sino), args.repeats)
     rows.append(("FBP", "ours", t, metric.psnr(image), ""))
@@ -146,17 +164,27 @@ def run_views(
     if sk_sino is not None:
         from skimage.transform import iradon_sart
 
+        sweeps = [0]
+
         def sart() -> np.ndarray:
             image = None
+            start = time.perf_counter()
             for _ in range(its):
                 image = iradon_sart(sk_sino, theta, image, relaxation=0.15)
+                sweeps[0] += 1
+                if time.perf_counter() - start > args.sart_budget_s:
+                    break
             # iradon_sart reconstructs radon's padded square: crop it back as radon padded it
             n, padded = mu.shape[0], np.asarray(image).shape[0]
             before = (n + padded - n) // 2 - n // 2
             return np.asarray(image)[before : before + n, before : before + n]
 
         t, image = timed(sart)
-        rows.append((f"SART {its} it", "skimage iradon_sart", t, metric.psnr(image), "SART"))
+        note = "SART"
+        if sweeps[0] < its:  # stopped at the time budget: time scaled to `its` sweeps
+            note = f"SART: {sweeps[0]} sweeps timed, x {its / sweeps[0]:.1f}; PSNR after them"
+            t *= its / sweeps[0]
+        rows.append((f"SART {its} it", "skimage iradon_sart", t, metric.psnr(image), note))
     return rows
 
 
@@ -166,27 +194,25 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-skimage", action="store_true")
+    parser.add_argument("--threads", type=int, default=THREADS, help="our torch threads")
+    parser.add_argument(
+        "--sart-budget-s", type=float, default=90.0, help="stop iradon_sart sweeps after this"
+    )
     parser.add_argument(
         "--cache-mb", type=float, default=256.0, help="our projector's grid cache (MB)"
     )
     args = parser.parse_args()
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     hu, pixel = load_slice()
     mu = hu_to_mu(hu)
     metric = Metric(hu)
     print(f"slice {SLICE.name}: {hu.shape[0]}x{hu.shape[1]}, {pixel:.3f} mm, I0 = {I0:g}")
-    print(f"ours: {THREADS} torch threads, cache_mb={args.cache_mb:g}; ASTRA CPU: 1 thread")
+    print(f"ours: {args.threads} torch threads, cache_mb={args.cache_mb:g}; ASTRA CPU: 1 thread")
     print(f"load average at start: {os.getloadavg()}")
-    print(
-        f"{'views':>5}  {'task':<12}{'method':<21}{'seconds':>9}{'x ASTRA':>9}{'PSNR dB':>9}  note"
-    )
+    header = f"{'views':>5}  {'task':<12}{'method':<21}{'seconds':>9}{'ours/ASTRA':>12}"
+    print(f"{header}{'PSNR dB':>9}  note")
     for views in args.views:
-        rows = run_views(mu, pixel, metric, views, args)
-        astra_times = {task: t for task, method, t, _, _ in rows if method == "ASTRA"}
-        for task, method, t, db, note in rows:
-            ratio = f"{t / astra_times[task]:.2f}" if task in astra_times else "-"
-            print(f"{views:>5}  {task:<12}{method:<21}{t:>9.3f}{ratio:>9}{db:>9.2f}  {note}")
-        sys.stdout.flush()
+        run_views(mu, pixel, metric, views, args)
     print(f"load average at end: {os.getloadavg()}")
 
 
