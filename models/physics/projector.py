@@ -103,10 +103,10 @@ class Projector(Protocol):
 @contextmanager
 def _torch_threads(num_threads: int | None) -> Iterator[None]:
     """Use ``num_threads`` intra-op threads inside the block, then restore the previous count."""
-    if num_threads is None:
+    previous = torch.get_num_threads()
+    if num_threads is None or num_threads == previous:  # nothing to change (cheap path)
         yield
         return
-    previous = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
         yield
