@@ -110,3 +110,11 @@ def test_load_follows_file_changes(tmp_path: Path) -> None:
     path.unlink()
     with pytest.raises(InvalidParameters, match=r"dicom\.toml"):
         load_dicom_config(settings)
+
+
+def test_the_bundled_example_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "dicom.toml"
+    config = parse_dicom_config(example.read_text(), str(example))
+    assert config.listener.ae_title == "VOXELGATE"
+    assert config.rules[0].destinations == ("pacs",)
+    assert config.node_by_ae("CT_SCANNER_1") is config.nodes["ct1"]
