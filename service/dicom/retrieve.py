@@ -36,6 +36,8 @@ from service.store.studies import IngestReport, ingest_files
 from service.store.tables import Study
 
 log = logging.getLogger(__name__)
+MOVE_MARKER_TTL_S = 3600.0
+"""How long the listener leaves a study that our C-MOVE is bringing to the retrieve (s)."""
 
 Via = Literal["move", "get", "dicomweb"]
 VIAS: tuple[Via, ...] = ("move", "get", "dicomweb")
@@ -150,15 +152,22 @@ def _stored_study_report(settings: Settings, tenant_id: str, study_uid: str) -> 
 def _moved_retrieve(
     settings: Settings, config: DicomConfig, tenant_id: str, node: Node, study_uid: str
 ) -> IngestReport:
-    from service.dicom.stable import flush_study  # the listener side (spool, stable age)
+    from service.dicom.spool import spool_for, study_key  # the listener side
+    from service.dicom.stable import flush_study
 
     if _listener_tenant_id(settings, config) != tenant_id:
         raise InvalidParameters(
             f"C-MOVE delivers to the listener, whose instances belong to tenant "
             f"{config.listener.tenant!r}; use retrieve method 'get' or 'dicomweb' instead"
         )
-    outcome = scu.move_study(node, study_uid, config.listener.ae_title, settings)
-    flushed = flush_study(settings, tenant_id, study_uid, route=False)
+    spool = spool_for(settings)
+    # The listener's flusher leaves the study to us (and never routes it) while the move runs.
+    spool.expect(tenant_id, study_uid, ttl_s=MOVE_MARKER_TTL_S)
+    try:
+        outcome = scu.move_study(node, study_uid, config.listener.ae_title, settings)
+        flushed = flush_study(settings, tenant_id, study_uid, route=False)
+    finally:
+        spool.unexpect(tenant_id, study_key(tenant_id, study_uid))
     if flushed is None:
         if outcome.completed == 0:
             raise NotFound(f"DICOM node {node.name!r} has no instances of study {study_uid}")

@@ -6,6 +6,9 @@ Layout under ``<data_dir>/spool``::
     <tenant id>/<study key>/study.json             sidecar: study UID, AEs, interrupted or not
     <tenant id>/.claimed/<study key>.<owner>        a study being ingested by one process
     <tenant id>/.failed/<study key>.<owner>         a study the store refused (kept for a human)
+    <tenant id>/.expected/<study key>              a retrieve (C-MOVE) of ours is bringing it:
+                                                   its expiry time; not ingested by the flusher
+                                                   before then, and never routed
 
 Keys are hashes (:func:`study_key`, :func:`instance_key`): no UID, let alone a patient
 attribute, ever appears in a path. Every file appears by an atomic link from a temporary sibling
@@ -38,6 +41,7 @@ from service.settings import Settings
 SIDECAR = "study.json"
 CLAIMED = ".claimed"
 FAILED = ".failed"
+EXPECTED = ".expected"
 _HEX = frozenset("0123456789abcdef")
 _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN"} | {b"UR", b"UT", b"UV"}
@@ -307,6 +311,31 @@ class Spool:
             pass  # the folder was claimed between the check and the write
         finally:
             tmp.unlink(missing_ok=True)
+
+    # -- retrieves of ours (C-MOVE to the listener) -------------------------------------------
+    def expect(self, tenant_id: str, study_uid: str, ttl_s: float) -> None:
+        """Mark a study as being brought by our own C-MOVE for the next ``ttl_s`` seconds.
+
+        Until then the flusher leaves the study to the retrieve's :func:`flush_study`; a marker
+        left by a retrieve that died expires, and the study is then ingested without routing.
+        """
+        base = self.tenant_dir(tenant_id) / EXPECTED
+        base.mkdir(parents=True, exist_ok=True)
+        key = study_key(tenant_id, study_uid)
+        tmp = base / f".{key}.{uuid.uuid4().hex[:8]}"
+        tmp.write_text(repr(time.time() + ttl_s), encoding="utf-8")
+        os.replace(tmp, base / key)
+
+    def expected_until(self, tenant_id: str, key: str) -> float | None:
+        """Expiry time of a study's retrieve marker (``None``: no marker, a normal arrival)."""
+        try:
+            return float((self.tenant_dir(tenant_id) / EXPECTED / key).read_text("utf-8"))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def unexpect(self, tenant_id: str, key: str) -> None:
+        """Remove a study's retrieve marker."""
+        (self.tenant_dir(tenant_id) / EXPECTED / key).unlink(missing_ok=True)
 
     # -- the flushing side --------------------------------------------------------------------
     def tenants(self) -> list[str]:

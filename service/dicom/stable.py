@@ -207,14 +207,18 @@ class StableFlusher(threading.Thread):
                     return done
                 if study.key in busy or now - study.last_arrival < age:
                     continue
+                retrieve_until = self.spool.expected_until(tenant_id, study.key)
+                if retrieve_until is not None and now < retrieve_until:
+                    continue  # our own C-MOVE is bringing it; the retrieve ingests it
                 taken = self.spool.claim(tenant_id, study.key)
                 if taken is not None:
-                    done += self._ingest(taken)
+                    done += self._ingest(taken, route=retrieve_until is None)
+                    self.spool.unexpect(tenant_id, study.key)
         return done
 
-    def _ingest(self, claimed: Claimed) -> int:
+    def _ingest(self, claimed: Claimed, route: bool = True) -> int:
         try:
-            result = ingest_claimed(self.settings, self.config, self.spool, claimed, route=True)
+            result = ingest_claimed(self.settings, self.config, self.spool, claimed, route=route)
         except VoxelgateError as exc:
             log.warning("stable flush: study not ingested (%s)", exc.code)
             return 0

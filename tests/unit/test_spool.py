@@ -330,6 +330,28 @@ def test_stable_flusher_waits_for_the_stable_age_and_busy_studies(
         assert s.scalar(select(func.count(Job.id))) == 1
 
 
+def test_flusher_leaves_a_study_our_c_move_brings_and_never_routes_it(
+    sqlite_settings, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from service.dicom.config import load_dicom_config
+
+    settings = sqlite_settings.model_copy(update={"dicom_config": _config(tmp_path, RULE)})
+    tenant_id = _tenant(settings)
+    study = _spool_ct(settings, tenant_id, interrupted=False)
+    spool = spool_for(settings)
+    spool.expect(tenant_id, study, ttl_s=60)
+    flusher = StableFlusher(settings, load_dicom_config(settings), set)
+    (spooled,) = flusher.spool.studies(tenant_id)
+    until = spool.expected_until(tenant_id, spooled.key)
+    assert until is not None
+    assert flusher.run_once(until - 1) == 0  # stable, but our retrieve will ingest it
+    assert flusher.run_once(until + 1) == 1  # the retrieve died: stored, not routed
+    assert spool.expected_until(tenant_id, spooled.key) is None
+    with session_scope(settings.resolved_database_url) as s:
+        assert s.scalar(select(func.count(Instance.id))) == 3
+        assert s.scalar(select(func.count(Job.id))) == 0
+
+
 def test_refused_study_is_quarantined(sqlite_settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from models.errors import InputRejected
 
