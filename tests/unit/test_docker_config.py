@@ -24,6 +24,7 @@ from packaging.utils import canonicalize_name
 
 from models.registry import IO_QUEUE, WORKER_QUEUES, all_specs
 from service.cli import build_parser
+from service.dicom.config import parse_dicom_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -32,8 +33,8 @@ DOCKERFILES = {
     "gateway": DOCKER / "gateway.Dockerfile",
     "worker": DOCKER / "worker.Dockerfile",
 }
-CLI_COMMANDS = {"gateway", "worker", "serve", "db", "keys"}
-VOXELGATE_SERVICES = ("migrate", "gateway", "worker-gpu", "worker-cpu", "worker-io")
+CLI_COMMANDS = {"gateway", "worker", "serve", "db", "keys", "scp", "pacs"}
+VOXELGATE_SERVICES = ("migrate", "gateway", "scp", "worker-gpu", "worker-cpu", "worker-io")
 WORKER_SERVICES = ("worker-gpu", "worker-cpu", "worker-io")
 TORCH_PACKAGES = {"torch", "monai", "torchvision", "nvidia-cudnn-cu12", "nvidia-cudnn-cu13"}
 
@@ -191,7 +192,21 @@ def test_published_ports_bind_loopback_by_default() -> None:
             assert isinstance(port, str), f"{name}: use the short port syntax"
             assert host_ip_default(port) == "127.0.0.1", f"{name}: {port}"
     published = {name for name, spec in compose()["services"].items() if spec.get("ports")}
-    assert published == {"gateway"}, "only the gateway is published; redis/postgres stay inside"
+    assert published == {"gateway", "scp"}, "only gateway and listener are published"
+
+
+def test_every_voxelgate_service_reads_the_one_dicom_config() -> None:
+    services = compose()["services"]
+    mount = "./dicom.toml:/etc/voxelgate/dicom.toml:ro"
+    for name in VOXELGATE_SERVICES:
+        env = services[name]["environment"]
+        assert env["VOXELGATE_DICOM_CONFIG"] == "/etc/voxelgate/dicom.toml", name
+        if name != "migrate":
+            assert mount in services[name]["volumes"], name
+    config = parse_dicom_config((DOCKER / "dicom.toml").read_text(), "docker/dicom.toml")
+    assert config.listener.host == "0.0.0.0"  # inside the container; published on loopback
+    scp_port = services["scp"]["ports"][0].rsplit(":", 1)[1]
+    assert int(scp_port) == config.listener.port
 
 
 def test_environment_and_shared_blob_volume() -> None:
