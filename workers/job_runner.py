@@ -28,6 +28,7 @@ from service.settings import Settings
 from service.store.blobs import BlobStore, blob_store
 from service.store.db import session_scope
 from service.store.studies import get_series, series_input_path
+from service.store.tables import Study
 from workers.job_progress import JobProgress, OwnershipLost
 from workers.runner import LocalJob, run_local
 
@@ -83,6 +84,8 @@ def _execute(settings: Settings, claim: Claim, progress: JobProgress) -> None:
     with session_scope(settings.resolved_database_url) as session:
         series = get_series(session, claim.tenant_id, claim.series_id)
         input_path = series_input_path(session, blobs, series)
+        study = session.get(Study, series.study_id)
+        derived_study_uid = study.study_instance_uid if study and study.uid_derived else None
     out_dir = blobs.attempt_dir(claim.job_id, claim.token)
     job = LocalJob(
         claim.pipeline,
@@ -91,8 +94,10 @@ def _execute(settings: Settings, claim: Claim, progress: JobProgress) -> None:
         claim.params,
         series_uid=None,  # the stored series folder holds this series only
         # Stored files keep their StudyInstanceUID as uploaded, possibly empty (ingest records a
-        # derived UID in the store only); then the derived output series gets a new study UID.
+        # derived UID in the store only): the derived output series then joins that derived
+        # study, so every result of the same source lands in one study (store and PACS).
         allow_missing_study_uid=True,
+        study_uid=derived_study_uid,
     )
     try:
         record = run_local(job, progress)

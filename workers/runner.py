@@ -28,6 +28,8 @@ class LocalJob:
         params: Raw parameters (validated against the registry before any work).
         series_uid: Series to pick when the input holds several.
         allow_missing_study_uid: Accept DICOM with an empty StudyInstanceUID.
+        study_uid: StudyInstanceUID for the derived DICOM outputs when the source's is empty
+            (the store's derived UID); ``None``: a new one is generated then.
     """
 
     pipeline: str
@@ -36,6 +38,7 @@ class LocalJob:
     params: Mapping[str, Any]
     series_uid: str | None = None
     allow_missing_study_uid: bool = False
+    study_uid: str | None = None
 
 
 def _check_modality(spec: PipelineSpec, modality: str) -> None:
@@ -56,6 +59,9 @@ def run_local(job: LocalJob, progress: ProgressCallback) -> dict[str, Any]:
     spec = get_spec(job.pipeline)
     params = validate_params(spec, job.params)
     loaded = read_volume(job.input_path, job.series_uid, job.allow_missing_study_uid)
+    template = loaded.dicom.template if loaded.dicom is not None else None
+    if job.study_uid and template is not None and not str(template.get("StudyInstanceUID", "")):
+        template.StudyInstanceUID = job.study_uid
     _check_modality(spec, loaded.volume.modality)
     run = load_pipeline(spec)
     try:
