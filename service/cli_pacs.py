@@ -97,31 +97,15 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 def cmd_find(args: argparse.Namespace) -> int:
     """Query one node for studies (and their series with ``--series``)."""
-    from service.dicom import dicomweb, scu
     from service.dicom.config import load_dicom_config
+    from service.dicom.search import search_node
 
     settings = _settings(args)
     node = load_dicom_config(settings).node(args.node)
-    web = args.dicomweb or not node.has_dimse
-    query = _query(args)
-    timeout = settings.dimse_timeout_s
-    studies = (
-        dicomweb.qido_studies(node, query, timeout_s=timeout)
-        if web
-        else scu.find_studies(node, query, settings)
+    _, studies = search_node(
+        settings, node, _query(args), dicomweb_first=args.dicomweb, with_series=args.series
     )
-    out = []
-    for study in studies:
-        view = study.to_json()
-        if args.series:
-            series = (
-                dicomweb.qido_series(node, study.study_uid, timeout_s=timeout)
-                if web
-                else scu.find_series(node, study.study_uid, settings)
-            )
-            view["series"] = [s.to_json() for s in series]
-        out.append(view)
-    _print(out)
+    _print(studies)
     return 0
 
 

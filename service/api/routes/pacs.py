@@ -19,6 +19,7 @@ from service.dicom.config import Node, load_dicom_config
 from service.dicom.pacs_cohort import create_pacs_cohort
 from service.dicom.query import StudyQuery
 from service.dicom.retrieve import retrieve_study
+from service.dicom.search import search_node
 from service.jobs.cohorts import cohort_rollup
 from service.settings import Settings
 from service.store.db import session_scope
@@ -139,26 +140,14 @@ def find(
     """Study-level C-FIND (or QIDO-RS); with ``series``, each study's series too."""
     del principal
     node = load_dicom_config(settings).node(name)
-    web = body.via == "dicomweb" or not node.has_dimse
-    timeout = settings.dimse_timeout_s
-    query = body.query()
-    studies = (
-        dicomweb.qido_studies(node, query, timeout_s=timeout)
-        if web
-        else scu.find_studies(node, query, settings)
+    via, studies = search_node(
+        settings,
+        node,
+        body.query(),
+        dicomweb_first=body.via == "dicomweb",
+        with_series=body.series,
     )
-    out = []
-    for study in studies:
-        view = study.to_json()
-        if body.series:
-            series = (
-                dicomweb.qido_series(node, study.study_uid, timeout_s=timeout)
-                if web
-                else scu.find_series(node, study.study_uid, settings)
-            )
-            view["series"] = [s.to_json() for s in series]
-        out.append(view)
-    return {"node": node.name, "via": "dicomweb" if web else "dimse", "studies": out}
+    return {"node": node.name, "via": via, "studies": studies}
 
 
 @router.post("/nodes/{name}/retrieve", status_code=201, summary="Retrieve a study")

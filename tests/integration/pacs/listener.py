@@ -29,6 +29,8 @@ from typing import Any
 
 import pytest
 
+from tests.integration.conftest import service_env
+
 REPO = Path(__file__).resolve().parents[3]
 LISTENER_AE = "VOXELGATE"
 SENDER_AE = "STORESCU"
@@ -80,14 +82,8 @@ def config_toml(
     return "\n".join(lines) + "\n"
 
 
-def child_env(settings: Any) -> dict[str, str]:
-    """Environment giving a child process the same settings (VOXELGATE_* variables)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VOXELGATE_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"VOXELGATE_{name.upper()}"] = str(value)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+child_env = service_env
+"""Environment giving a child process the same settings (VOXELGATE_* variables)."""
 
 
 @dataclass
