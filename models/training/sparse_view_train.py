@@ -138,11 +138,11 @@ def batch_loss(
     contrast = band_contrastive_loss(student.representation, rep_t)
     total = rec + rec_t + config.w_direction * direction + config.w_contrast * contrast
     parts = {
-        "loss": float(total),
-        "l1_student": float(rec),
-        "l1_teacher": float(rec_t),
-        "direction": float(direction),
-        "contrast": float(contrast),
+        "loss": float(total.detach()),
+        "l1_student": float(rec.detach()),
+        "l1_teacher": float(rec_t.detach()),
+        "direction": float(direction.detach()),
+        "contrast": float(contrast.detach()),
     }
     return total, parts
 

@@ -1,0 +1,218 @@
+"""``voxelgate train sparse-view-ct``: train the GloReDi-style post-processing network.
+
+Reads real CT from the shared data folder (openkbp patients split by its ``splits.json``:
+training patients for training, validation patients held out for the validation PSNR; the
+TotalSegmentator example CT and the CIL head CT join the training set unless ``--no-extra``),
+simulates fan-beam sparse views (see :mod:`models.training.sparse_view_data`) and trains.
+
+``--out DIR`` receives ``checkpoint.pt`` (weights, optimizer state, step: ``--resume``
+continues from it), and at the end ``gloredi_sparse_view_fp16.pt`` (fp16 state dict), its
+``.sha256`` and ``metrics.json`` (every figure in it was measured by this run). Torch and the
+training code are imported inside the command only: ``service`` stays torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.errors import InvalidParameters
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "gloredi_sparse_view_fp16.pt"
+
+
+def _lps_volume(path: Path) -> tuple[Any, float]:
+    """A NIfTI/MHA CT as an ``(X, Y, Z)`` HU array with axes L, P, S, and its in-plane spacing."""
+    import nibabel as nib
+    import numpy as np
+
+    if path.suffix == ".mha":
+        import SimpleITK as sitk
+
+        image = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")
+        array = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0)).astype(np.float32)
+        spacing = image.GetSpacing()
+        if abs(spacing[0] - spacing[1]) > 0.01 * spacing[0]:
+            raise InvalidParameters(f"{path}: in-plane spacing {spacing[:2]} is not square")
+        return array, float(spacing[0])
+    img = nib.load(path)
+    target = nib.orientations.axcodes2ornt(("L", "P", "S"))
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine), target)
+    array = nib.orientations.apply_orientation(np.asarray(img.dataobj, dtype=np.float32), transform)
+    zooms = nib.affines.voxel_sizes(img.affine)
+    lps_zooms = [float(zooms[int(axis)]) for axis in transform[:, 0].argsort()]
+    if abs(lps_zooms[0] - lps_zooms[1]) > 0.01 * lps_zooms[0]:
+        raise InvalidParameters(f"{path}: in-plane spacing {lps_zooms[:2]} is not square")
+    return array, lps_zooms[0]
+
+
+def _load_cases(names: list[tuple[str, Path]], args: argparse.Namespace) -> list[Any]:
+    from models.training.sparse_view_data import CTCase, axial_slices
+
+    cases = []
+    for case_id, path in names:
+        if not path.exists():
+            raise InvalidParameters(f"missing CT {path}")
+        volume, pixel = _lps_volume(path)
+        slices, out_pixel = axial_slices(volume, pixel, args.image_size, args.slice_stride)
+        if slices.shape[0]:
+            cases.append(CTCase(case_id, slices, out_pixel))
+    return cases
+
+
+def _data(args: argparse.Namespace) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    from models.training.sparse_view_data import openkbp_split
+
+    root = Path(args.data)
+    kbp = root / "openkbp"
+    splits_path = kbp / "splits.json"
+    if not splits_path.exists():
+        raise InvalidParameters(f"no openkbp splits at {splits_path} (use --data)")
+    train_ids, val_ids = openkbp_split(json.loads(splits_path.read_text()))
+    if args.train_cases:
+        train_ids = train_ids[: args.train_cases]
+    val_ids = val_ids[: args.val_cases]
+    train_names = [(f"openkbp/{c}", kbp / c / "ct.nii.gz") for c in train_ids]
+    if not args.no_extra:
+        train_names += [
+            ("totalsegmentator/example_ct", root / "totalsegmentator" / "example_ct.nii.gz"),
+            ("cil-head/head", root / "cil-head" / "head.mha"),
+        ]
+    train = _load_cases(train_names, args)
+    val = _load_cases([(f"openkbp/{c}", kbp / c / "ct.nii.gz") for c in val_ids], args)
+    if not train or not val:
+        raise InvalidParameters("need at least one training and one validation case")
+    summary = {
+        "train_cases": [c.case_id for c in train],
+        "validation_cases": [c.case_id for c in val],
+        "train_slices": sum(int(c.slices_hu.shape[0]) for c in train),
+        "split": "openkbp splits.json (patient level; QC-flagged patients excluded)",
+        "simulated": "fan-beam sparse views with Poisson noise from real CT slices",
+    }
+    return train, val, summary
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from models.training.sparse_view_train import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        crop=args.crop,
+        lr=args.lr,
+        checkpoint_every=args.checkpoint_every,
+        validate_every=args.validate_every,
+        seed=args.seed,
+        features=args.features,
+        views=tuple(args.views),
+        i0=args.i0,
+        device=args.device,
+    )
+
+
+def cmd_train_sparse_view(args: argparse.Namespace) -> int:
+    """Train (or resume) and write checkpoint, fp16 weights, sha256 and metrics."""
+    import torch
+    from tqdm import tqdm
+
+    from models.errors import InputRejected
+    from models.training.sparse_view_data import SimulationConfig, SparseViewSimulator
+    from models.training.sparse_view_data import make_validation_set
+    from models.training.sparse_view_train import fp16_state_dict, train
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / CHECKPOINT
+    if args.resume and not checkpoint.exists():
+        raise InvalidParameters(f"--resume: no {checkpoint}")
+    if not args.resume and checkpoint.exists():
+        raise InvalidParameters(f"{checkpoint} exists: pass --resume or use another --out")
+    try:
+        config = _config(args)
+        resume = torch.load(checkpoint, weights_only=False) if args.resume else None
+        train_cases, val_cases, data_summary = _data(args)
+        sim = SparseViewSimulator(SimulationConfig(config.views, config.teacher_factor, config.i0))
+        val = make_validation_set(val_cases, sim, args.val_slices)
+        with tqdm(total=config.steps, disable=args.quiet, file=sys.stderr, unit="step") as bar:
+            if resume is not None:
+                bar.update(int(resume["step"]))
+
+            def progress(step: int, steps: int, parts: dict[str, float]) -> None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{parts['loss']:.4f}")
+
+            outcome = train(
+                config,
+                train_cases,
+                val,
+                resume_state=resume,
+                save_checkpoint=lambda state: _atomic_torch_save(state, checkpoint),
+                progress=progress,
+            )
+    except InputRejected as exc:
+        raise InvalidParameters(str(exc)) from exc
+    weights = out / WEIGHTS
+    _atomic_torch_save(fp16_state_dict(outcome.model), weights)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (out / (WEIGHTS + ".sha256")).write_text(f"{digest}  {WEIGHTS}\n")
+    metrics = {
+        "model": "GloReDiNet (GloReDi-inspired; not the paper's weights or exact recipe)",
+        "weights": WEIGHTS,
+        "weights_sha256": digest,
+        "weights_bytes": weights.stat().st_size,
+        "config": outcome.state["config"],
+        "data": data_summary,
+        "validation_metric": "mean PSNR in the body mask, HU window [-1000, 1000], vs the real "
+        "slice (simulated inputs)",
+        **outcome.metrics,
+    }
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, out / "metrics.json")
+    print(json.dumps({"out": str(out), "steps": metrics["steps_total"],
+                      "validation": metrics.get("validation"), "weights_sha256": digest}, indent=2))
+    return 0
+
+
+def add_train_commands(sub: Any) -> None:
+    """Register ``train sparse-view-ct`` on the top-level subparsers."""
+    p_train = sub.add_parser("train", help="train a learned pipeline's network")
+    tsub = p_train.add_subparsers(dest="model", required=True)
+    p = tsub.add_parser("sparse-view-ct", help="GloReDi-style sparse-view CT post-processing")
+    p.add_argument("--out", required=True, help="output folder (checkpoint, weights, metrics)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--crop", type=int, default=96)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--validate-every", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--features", type=int, default=32)
+    p.add_argument("--views", type=int, nargs="+", default=[18, 36, 60])
+    p.add_argument("--i0", type=float, default=1e5, help="photons per bin and view")
+    p.add_argument("--image-size", type=int, default=128, help="slices resampled to this side")
+    p.add_argument("--slice-stride", type=int, default=2)
+    p.add_argument("--train-cases", type=int, default=0, help="first K training patients (0 all)")
+    p.add_argument("--val-cases", type=int, default=8)
+    p.add_argument("--val-slices", type=int, default=2, help="slices per validation patient")
+    p.add_argument("--no-extra", action="store_true", help="openkbp only")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="shared data folder")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_train_sparse_view)
