@@ -152,9 +152,7 @@ def conjugate_map(geometry: Geometry) -> ConjugateMap:
     return parallel_conjugate_map(geometry.n_views, geometry.n_det)
 
 
-def estimate_centre_offset(
-    sinogram: npt.ArrayLike, max_offset_bins: float | None = None
-) -> float:
+def estimate_centre_offset(sinogram: npt.ArrayLike, max_offset_bins: float | None = None) -> float:
     """Rotation-axis offset (bins from the detector centre) of a 360 degree parallel sinogram.
 
     Each view is compared with its conjugate view flipped about candidate axes on a half-bin
