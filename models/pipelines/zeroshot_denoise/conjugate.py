@@ -85,9 +85,9 @@ class ConjugateMap:
 
 
 def _taps(
-    view_pos: npt.NDArray[np.float64], bin_pos: npt.NDArray[np.float64], shape: tuple[int, int]
+    view_pos: npt.NDArray[np.floating], bin_pos: npt.NDArray[np.floating], shape: tuple[int, int]
 ) -> ConjugateMap:
-    """Bilinear taps at fractional (view, bin) positions; views wrap, bins must be on the detector."""
+    """Bilinear taps at fractional (view, bin) positions; views wrap, bins stay on the detector."""
     n_views, n_det = shape
     v0 = np.floor(view_pos + 1e-9)
     wv = np.clip(view_pos - v0, 0.0, 1.0)
@@ -126,8 +126,9 @@ def parallel_conjugate_map(
 
 
 def fan_conjugate_map(geometry: FanBeamGeometry) -> ConjugateMap:
-    """Conjugate map of a 360 degree fan-beam sinogram, ``(beta, gamma) ~ (beta + pi - 2 gamma,
-    -gamma)``, linear on the view axis.
+    """Conjugate map of a 360 degree fan-beam sinogram, linear on the view axis.
+
+    The conjugate of ``(beta, gamma)`` is ``(beta + pi - 2 gamma, -gamma)``.
 
     Raises:
         InputRejected: The scan is not 360 degrees.

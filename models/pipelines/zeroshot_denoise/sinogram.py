@@ -75,8 +75,8 @@ class FlickingConfig:
         checks = {
             "copies": 1 <= self.copies <= 4096,
             "max_iterations": 1 <= self.max_iterations <= 100_000,
-            "min_iterations": 0 <= self.min_iterations,
-            "patience": 1 <= self.patience,
+            "min_iterations": self.min_iterations >= 0,
+            "patience": self.patience >= 1,
             "learning_rate": 0.0 < self.learning_rate <= 0.1,
             "features": 4 <= self.features <= 256,
             "crop_size": 8 <= self.crop_size <= 4096,
