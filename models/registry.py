@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ValidationError
 
 from models.errors import InvalidParameters, UnknownPipeline
+from models.pipelines.sparse_view_ct.params import SparseViewCTParams
 from models.pipelines.zeroshot_denoise.params import ZeroShotDenoiseParams
 from models.provenance import file_sha256
 from models.result import ProgressCallback, Result
@@ -107,6 +108,21 @@ _SPECS: tuple[PipelineSpec, ...] = (
         params_model=ZeroShotDenoiseParams,
         factory="models.pipelines.zeroshot_denoise.pipeline:run",
         model_card="zeroshot_denoise.md",
+        time_limit_s=3600,
+    ),
+    PipelineSpec(
+        name="sparse-view-ct",
+        version="0.1.0",
+        summary=(
+            "Simulated fan-beam sparse-view scan of a CT volume (Poisson noise, fixed seed), "
+            "reconstructed with FBP, SIRT, CGLS or TV; PSNR/SSIM against the input."
+        ),
+        inputs=(InputSpec("image", ("CT",), "a full-dose CT volume in HU, square pixels"),),
+        outputs=("reconstruction",),
+        queue="gpu",
+        params_model=SparseViewCTParams,
+        factory="models.pipelines.sparse_view_ct.pipeline:run",
+        model_card="sparse_view_ct.md",
         time_limit_s=3600,
     ),
 )

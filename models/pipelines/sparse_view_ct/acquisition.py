@@ -1,0 +1,185 @@
+"""Input checks, square padding, fan-beam geometry from the parameters, and the simulated scan.
+
+Frames: a slice ``array[k]`` of a :class:`~models.volume.Volume` is indexed ``[row j, column i]``
+and is handed to the projector as ``image[row (+y), col (+x)]`` of
+:mod:`models.physics.geometry`. The simulation and the reconstruction use the same operator, so
+the mapping of the scanner frame onto LPS (which only rotates/mirrors the source trajectory)
+does not change the output grid: every output voxel sits where the input voxel was.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from models.errors import InputRejected
+from models.physics.fan_geometry import FanBeamGeometry
+from models.physics.lowdose import hu_to_mu, noisy_line_integrals
+from models.physics.projector import Projector
+from models.pipelines.sparse_view_ct.params import SparseViewCTParams
+from models.volume import Volume
+
+MIN_PIXELS = 16
+"""Smallest slice side (pixels) accepted."""
+
+AIR_HU = -1000.0
+"""Value (HU) of the padding that makes a slice square (air, attenuation 0)."""
+
+
+def check_input(volume: Volume) -> float:
+    """Refuse what the simulation cannot use, before any projection.
+
+    Args:
+        volume: The CT volume, array ``(K, H, W)`` in HU.
+
+    Returns:
+        The in-plane pixel size (mm).
+
+    Raises:
+        InputRejected: Not CT in HU, NaN/infinity, slices smaller than :data:`MIN_PIXELS`, or
+            pixels that are not square (the projector needs square pixels: resample first).
+    """
+    if volume.modality != "CT" or volume.units != "HU":
+        raise InputRejected(
+            f"sparse-view-ct simulates a scan of a CT volume in HU; the input is modality "
+            f"{volume.modality!r} with units {volume.units!r}"
+        )
+    _, h, w = volume.shape
+    if min(h, w) < MIN_PIXELS:
+        raise InputRejected(
+            f"slices of {h}x{w} pixels are too small to simulate a scan of "
+            f"(min {MIN_PIXELS}x{MIN_PIXELS})"
+        )
+    if not np.all(np.isfinite(volume.array)):
+        raise InputRejected("the CT volume contains NaN or infinite values")
+    _, row_mm, col_mm = volume.spacing
+    if not math.isclose(row_mm, col_mm, rel_tol=1e-3):
+        raise InputRejected(
+            f"pixels are {row_mm:.4g} x {col_mm:.4g} mm; the projector needs square pixels, "
+            f"resample the slices in-plane first"
+        )
+    return float(col_mm)
+
+
+def pad_square(slices_hu: npt.NDArray[np.floating]) -> tuple[npt.NDArray[np.float32], slice, slice]:
+    """Pad ``(K, H, W)`` slices with air to ``(K, N, N)``, ``N = max(H, W)``.
+
+    Returns:
+        The padded slices (HU, float32) and the row/column slices that crop them back.
+    """
+    k, h, w = slices_hu.shape
+    n = max(h, w)
+    top, left = (n - h) // 2, (n - w) // 2
+    out = np.full((k, n, n), AIR_HU, dtype=np.float32)
+    rows, cols = slice(top, top + h), slice(left, left + w)
+    out[:, rows, cols] = slices_hu
+    return out, rows, cols
+
+
+def image_reach_mm(n: int, pixel_mm: float) -> float:
+    """Half diagonal of an ``n x n`` slice plus one pixel (mm): what the fan must cover."""
+    return (n - 1) * pixel_mm / math.sqrt(2.0) + pixel_mm
+
+
+def build_geometry(n: int, pixel_mm: float, params: SparseViewCTParams) -> FanBeamGeometry:
+    """The 360 degree fan-beam geometry of the parameters for an ``n x n`` slice.
+
+    Defaults scale with the slice's field of view: source-to-isocentre twice the half
+    diagonal ``R`` (half fan angle 30 degrees), source-to-detector twice that (magnification
+    2), bins of ``pixel / detector_bins_per_pixel`` at the isocentre, and the fewest bins whose
+    fan covers the whole square slice.
+
+    Raises:
+        InputRejected: A source inside the slice, a detector nearer than the isocentre, or too
+            few bins to cover the slice, each saying which parameter to change and to what.
+    """
+    reach = image_reach_mm(n, pixel_mm)
+    sod = params.source_to_isocentre_mm or 2.0 * reach
+    if sod <= reach:
+        raise InputRejected(
+            f"source_to_isocentre_mm={sod:g} puts the source inside the {n}x{n} slice of "
+            f"{pixel_mm:g} mm pixels; it must exceed {reach:.1f} mm (half diagonal + 1 pixel): "
+            f"raise it or leave it unset (default {2.0 * reach:.1f} mm)"
+        )
+    sdd = params.source_to_detector_mm or 2.0 * sod
+    if sdd <= sod:
+        raise InputRejected(
+            f"source_to_detector_mm={sdd:g} must exceed source_to_isocentre_mm={sod:g}: raise "
+            f"it or leave it unset (default {2.0 * sod:.1f} mm)"
+        )
+    spacing = pixel_mm * (sdd / sod) / params.detector_bins_per_pixel
+    covering = FanBeamGeometry(n, pixel_mm, params.views, sod, sdd, params.detector, None, spacing)
+    if params.n_detectors is None:
+        return covering
+    if params.n_detectors < covering.n_det:
+        raise InputRejected(
+            f"n_detectors={params.n_detectors} cannot cover the {n}x{n} slice "
+            f"({n * pixel_mm:.0f} mm field of view) with {params.detector_bins_per_pixel} bins "
+            f"per pixel: use at least {covering.n_det}, lower detector_bins_per_pixel, or "
+            f"leave n_detectors unset"
+        )
+    return FanBeamGeometry(
+        n, pixel_mm, params.views, sod, sdd, params.detector, params.n_detectors, spacing
+    )
+
+
+def geometry_facts(geometry: FanBeamGeometry) -> dict[str, float | int | str]:
+    """JSON-ready description of the scan (mm, degrees)."""
+    return {
+        "beam": "fan",
+        "detector": geometry.detector,
+        "views": geometry.n_views,
+        "arc_deg": geometry.arc_deg,
+        "source_to_isocentre_mm": geometry.source_to_isocentre_mm,
+        "source_to_detector_mm": geometry.source_to_detector_mm,
+        "n_detectors": geometry.n_det,
+        "detector_spacing_mm": geometry.det_spacing_mm,
+        "fan_angle_deg": 2.0 * math.degrees(geometry.max_fan_angle_rad),
+        "image_size": geometry.image_size,
+        "pixel_size_mm": geometry.pixel_size_mm,
+    }
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """A simulated scan of padded slices.
+
+    Attributes:
+        sinograms: Noisy line integrals, ``(K, n_views, n_det)`` (dimensionless).
+        mu: Attenuation of the padded input slices (1/mm), ``(K, N, N)``.
+    """
+
+    sinograms: npt.NDArray[np.float32]
+    mu: npt.NDArray[np.float32]
+
+
+def simulate(
+    padded_hu: npt.NDArray[np.float32],
+    projector: Projector,
+    i0: float,
+    seed: int,
+    chunk: int = 16,
+) -> Acquisition:
+    """Forward-project HU slices and draw Poisson counts (one generator, fixed seed).
+
+    Args:
+        padded_hu: Square slices in HU, ``(K, N, N)``.
+        projector: The fan-beam projector.
+        i0: Incident photons per bin and view.
+        seed: Seed of ``numpy.random.default_rng``; slice ``k`` always gets the same noise for
+            the same seed and volume.
+        chunk: Slices projected per call.
+
+    Returns:
+        The noisy sinograms and the attenuation images.
+    """
+    mu = hu_to_mu(padded_hu)
+    rng = np.random.default_rng(seed)
+    parts = []
+    for start in range(0, mu.shape[0], chunk):
+        clean = projector.forward(mu[start : start + chunk])
+        parts.append(noisy_line_integrals(clean, i0, rng))
+    return Acquisition(np.concatenate(parts), mu)
