@@ -34,7 +34,7 @@ def _lps_volume(path: Path) -> tuple[Any, float]:
     import numpy as np
 
     if path.suffix == ".mha":
-        import SimpleITK as sitk
+        import SimpleITK as sitk  # noqa: N813
 
         image = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")
         array = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0)).astype(np.float32)
@@ -42,7 +42,7 @@ def _lps_volume(path: Path) -> tuple[Any, float]:
         if abs(spacing[0] - spacing[1]) > 0.01 * spacing[0]:
             raise InvalidParameters(f"{path}: in-plane spacing {spacing[:2]} is not square")
         return array, float(spacing[0])
-    img = nib.load(path)
+    img: Any = nib.load(path)
     target = nib.orientations.axcodes2ornt(("L", "P", "S"))
     transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine), target)
     array = nib.orientations.apply_orientation(np.asarray(img.dataobj, dtype=np.float32), transform)
@@ -131,8 +131,11 @@ def cmd_train_sparse_view(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from models.errors import InputRejected
-    from models.training.sparse_view_data import SimulationConfig, SparseViewSimulator
-    from models.training.sparse_view_data import make_validation_set
+    from models.training.sparse_view_data import (
+        SimulationConfig,
+        SparseViewSimulator,
+        make_validation_set,
+    )
     from models.training.sparse_view_train import fp16_state_dict, train
 
     out = Path(args.out)
@@ -184,8 +187,17 @@ def cmd_train_sparse_view(args: argparse.Namespace) -> int:
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
     os.replace(tmp, out / "metrics.json")
-    print(json.dumps({"out": str(out), "steps": metrics["steps_total"],
-                      "validation": metrics.get("validation"), "weights_sha256": digest}, indent=2))
+    print(
+        json.dumps(
+            {
+                "out": str(out),
+                "steps": metrics["steps_total"],
+                "validation": metrics.get("validation"),
+                "weights_sha256": digest,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -155,8 +155,9 @@ class GloReDiNet(nn.Module):
         self.up1 = nn.ConvTranspose2d(2 * f, f, 2, stride=2)
         self.dec1 = nn.Sequential(_conv(2 * f, f), _conv(f, f))
         self.head = nn.Conv2d(f, 1, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        with torch.no_grad():  # start as the identity: output = input
+            self.head.weight.zero_()
+            self.head.bias.zero_()  # type: ignore[union-attr]
 
     def view_embedding(self, views: torch.Tensor) -> torch.Tensor:
         """Embed view counts ``(B,)`` as ``(B, embed)`` (from ``log(views)`` and ``1/views``)."""

@@ -61,9 +61,9 @@ class CTCase:
     pixel_size_mm: float
 
 
-def openkbp_split(splits: Mapping[str, object], exclude_flagged: bool = True) -> tuple[
-    list[str], list[str]
-]:
+def openkbp_split(
+    splits: Mapping[str, object], exclude_flagged: bool = True
+) -> tuple[list[str], list[str]]:
     """Patient-level split of openkbp from its ``splits.json`` content.
 
     Args:
@@ -157,9 +157,9 @@ class SimulationConfig:
             raise InputRejected(f"i0 must be in (0, 1e12], got {self.i0}")
 
 
-def fan_geometry(image_size: int, pixel_size_mm: float, views: int, bins_per_pixel: int = 2) -> (
-    FanBeamGeometry
-):
+def fan_geometry(
+    image_size: int, pixel_size_mm: float, views: int, bins_per_pixel: int = 2
+) -> FanBeamGeometry:
     """The simulated 360 degree equiangular fan-beam scanner for an ``N x N`` slice."""
     reach = (image_size - 1) * pixel_size_mm / math.sqrt(2.0) + pixel_size_mm
     sod = max(CLINICAL_SOD_MM, 1.25 * reach)
@@ -253,7 +253,9 @@ def make_batch(
     rows, cols = rng.integers(n - c + 1, size=batch_size), rng.integers(n - c + 1, size=batch_size)
 
     def cut(images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        return np.stack([im[r : r + c, q : q + c] for im, r, q in zip(images, rows, cols, strict=True)])
+        return np.stack(
+            [im[r : r + c, q : q + c] for im, r, q in zip(images, rows, cols, strict=True)]
+        )
 
     return Batch(cut(student), cut(teacher), cut(slices), views, case.case_id)
 

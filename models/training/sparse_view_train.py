@@ -13,6 +13,7 @@ State goes in and out as plain dicts (``model``, ``optimizer``, ``step``, ``conf
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -186,9 +187,7 @@ def _check_resume(state: dict[str, Any], config: TrainConfig) -> None:
                 "use the same settings to resume, or a new output folder"
             )
     if int(state.get("step", 0)) > config.steps:
-        raise InputRejected(
-            f"checkpoint is at step {state['step']}, beyond --steps {config.steps}"
-        )
+        raise InputRejected(f"checkpoint is at step {state['step']}, beyond --steps {config.steps}")
 
 
 def train(
@@ -237,13 +236,14 @@ def train(
     model.train()
 
     def state() -> dict[str, Any]:
+        # copies: the caller may keep the dict while training goes on
         return {
             "format": 1,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "optimizer": copy.deepcopy(optimizer.state_dict()),
             "step": step,
             "config": asdict(config),
-            "history": history,
+            "history": list(history),
         }
 
     while step < config.steps:
