@@ -26,6 +26,8 @@ from service.errors import InvalidParameters
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "gloredi_sparse_view_fp16.pt"
+DATA_ARGS = ("image_size", "slice_stride", "train_cases", "val_cases", "val_slices", "no_extra")
+"""Data options a resumed run must repeat (they decide which slices it trains and validates on)."""
 
 
 def _lps_volume(path: Path) -> tuple[Any, float]:
@@ -70,6 +72,12 @@ def _load_cases(names: list[tuple[str, Path]], args: argparse.Namespace) -> list
 def _data(args: argparse.Namespace) -> tuple[list[Any], list[Any], dict[str, Any]]:
     from models.training.sparse_view_data import openkbp_split
 
+    if args.train_cases < 0 or args.val_cases < 1 or args.val_slices < 1 or args.slice_stride < 1:
+        raise InvalidParameters(
+            "need --train-cases >= 0, --val-cases, --val-slices, --slice-stride >= 1"
+        )
+    if not 16 <= args.image_size <= 512:
+        raise InvalidParameters(f"--image-size must be in 16..512, got {args.image_size}")
     root = Path(args.data)
     kbp = root / "openkbp"
     splits_path = kbp / "splits.json"
@@ -145,9 +153,15 @@ def cmd_train_sparse_view(args: argparse.Namespace) -> int:
         raise InvalidParameters(f"--resume: no {checkpoint}")
     if not args.resume and checkpoint.exists():
         raise InvalidParameters(f"{checkpoint} exists: pass --resume or use another --out")
+    data_args = {k: getattr(args, k) for k in DATA_ARGS}
     try:
         config = _config(args)
         resume = torch.load(checkpoint, weights_only=False) if args.resume else None
+        if resume is not None and resume.get("data_args", data_args) != data_args:
+            raise InvalidParameters(
+                f"checkpoint was trained on data {resume['data_args']}, this run asks "
+                f"{data_args}; use the same data options to resume"
+            )
         train_cases, val_cases, data_summary = _data(args)
         sim = SparseViewSimulator(SimulationConfig(config.views, config.teacher_factor, config.i0))
         val = make_validation_set(val_cases, sim, args.val_slices)
@@ -164,7 +178,9 @@ def cmd_train_sparse_view(args: argparse.Namespace) -> int:
                 train_cases,
                 val,
                 resume_state=resume,
-                save_checkpoint=lambda state: _atomic_torch_save(state, checkpoint),
+                save_checkpoint=lambda state: _atomic_torch_save(
+                    {**state, "data_args": data_args}, checkpoint
+                ),
                 progress=progress,
             )
     except InputRejected as exc:
@@ -179,7 +195,7 @@ def cmd_train_sparse_view(args: argparse.Namespace) -> int:
         "weights_sha256": digest,
         "weights_bytes": weights.stat().st_size,
         "config": outcome.state["config"],
-        "data": data_summary,
+        "data": {**data_summary, "options": data_args},
         "validation_metric": "mean PSNR in the body mask, HU window [-1000, 1000], vs the real "
         "slice (simulated inputs)",
         **outcome.metrics,

@@ -131,6 +131,8 @@ def test_cli_train_writes_weights_and_resumes(tmp_path: Path) -> None:
     weights = torch.load(out / "gloredi_sparse_view_fp16.pt")
     assert all(v.dtype == torch.float16 for v in weights.values())
     assert main([*common, "--steps", "3"]) == 2  # checkpoint exists: --resume needed
+    other_data = [*common, "--steps", "3", "--resume", "--val-slices", "2"]
+    assert main(other_data) == 2  # resuming on other data is refused
     assert main([*common, "--steps", "3", "--resume"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from_step"] == 2
