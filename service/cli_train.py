@@ -156,7 +156,9 @@ def cmd_train_sparse_view(args: argparse.Namespace) -> int:
     data_args = {k: getattr(args, k) for k in DATA_ARGS}
     try:
         config = _config(args)
-        resume = torch.load(checkpoint, weights_only=False) if args.resume else None
+        resume = (
+            torch.load(checkpoint, map_location="cpu", weights_only=True) if args.resume else None
+        )
         if resume is not None and resume.get("data_args", data_args) != data_args:
             raise InvalidParameters(
                 f"checkpoint was trained on data {resume['data_args']}, this run asks "
