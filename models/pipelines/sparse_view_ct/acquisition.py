@@ -10,7 +10,6 @@ does not change the output grid: every output voxel sits where the input voxel w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -143,43 +142,23 @@ def geometry_facts(geometry: FanBeamGeometry) -> dict[str, float | int | str]:
     }
 
 
-@dataclass(frozen=True)
-class Acquisition:
-    """A simulated scan of padded slices.
-
-    Attributes:
-        sinograms: Noisy line integrals, ``(K, n_views, n_det)`` (dimensionless).
-        mu: Attenuation of the padded input slices (1/mm), ``(K, N, N)``.
-    """
-
-    sinograms: npt.NDArray[np.float32]
-    mu: npt.NDArray[np.float32]
-
-
 def simulate(
     padded_hu: npt.NDArray[np.float32],
     projector: Projector,
     i0: float,
-    seed: int,
-    chunk: int = 16,
-) -> Acquisition:
-    """Forward-project HU slices and draw Poisson counts (one generator, fixed seed).
+    rng: np.random.Generator,
+) -> npt.NDArray[np.float32]:
+    """Forward-project HU slices and draw Poisson detector counts.
 
     Args:
-        padded_hu: Square slices in HU, ``(K, N, N)``.
+        padded_hu: Square slices in HU, ``(B, N, N)``.
         projector: The fan-beam projector.
         i0: Incident photons per bin and view.
-        seed: Seed of ``numpy.random.default_rng``; slice ``k`` always gets the same noise for
-            the same seed and volume.
-        chunk: Slices projected per call.
+        rng: The noise generator (the only randomness; one per run, seeded from ``seed``, used
+            on the slices in order, so the same volume and seed give the same noise).
 
     Returns:
-        The noisy sinograms and the attenuation images.
+        Noisy line integrals ``-log(counts / i0)``, ``(B, n_views, n_det)`` (dimensionless).
     """
-    mu = hu_to_mu(padded_hu)
-    rng = np.random.default_rng(seed)
-    parts = []
-    for start in range(0, mu.shape[0], chunk):
-        clean = projector.forward(mu[start : start + chunk])
-        parts.append(noisy_line_integrals(clean, i0, rng))
-    return Acquisition(np.concatenate(parts), mu)
+    clean = projector.forward(hu_to_mu(padded_hu))
+    return noisy_line_integrals(clean, i0, rng)

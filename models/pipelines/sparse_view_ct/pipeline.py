@@ -28,7 +28,7 @@ from models.pipelines.sparse_view_ct.acquisition import (
 )
 from models.pipelines.sparse_view_ct.metrics import HU_WINDOW, psnr_db, ssim_in_mask
 from models.pipelines.sparse_view_ct.params import SparseViewCTParams
-from models.pipelines.sparse_view_ct.reconstruct import fbp_slices, reconstruct_slice, residuals
+from models.pipelines.sparse_view_ct.reconstruct import reconstruct_slice, residuals
 from models.provenance import code_version
 from models.registry import get_spec
 from models.result import Figure, ProgressCallback, Provenance, Result
@@ -36,7 +36,8 @@ from models.transforms.figures import representative_slices
 from models.transforms.intensity import display_window
 from models.volume import Volume
 
-_SIMULATED, _FBP_DONE = 0.1, 0.2  # progress after simulation and after FBP
+_CHUNK = 8
+"""Slices simulated and reconstructed together (bounds the memory of the sinograms)."""
 
 
 def _device(choice: str) -> str:
@@ -114,26 +115,32 @@ def run(
     started = time.perf_counter()
     progress(0.0, "simulating the scan")
     projector = make_projector(geometry, "torch", device)
-    scan = simulate(padded, projector, params.i0, params.seed)
-    progress(_SIMULATED, "fbp")
-    t_fbp = time.perf_counter()
-    fbp_mu = fbp_slices(scan.sinograms, projector, params.filter_name)
-    fbp_seconds = time.perf_counter() - t_fbp
-    fbp_res = residuals(fbp_mu, scan.sinograms, projector)
-    progress(_FBP_DONE, params.method)
-    if params.method == "fbp":
-        result_mu, result_res = fbp_mu, fbp_res
-    else:
-        k_total = scan.sinograms.shape[0]
-        result_mu = np.empty_like(fbp_mu)
-        result_res = []
-        for k in range(k_total):
+    rng = np.random.default_rng(params.seed)
+    fbp_mu = np.empty(padded.shape, dtype=np.float32)
+    result_mu = np.empty(padded.shape, dtype=np.float32)
+    fbp_res: list[float] = []
+    result_res: list[float] = []
+    fbp_seconds = 0.0
+    n_slices = padded.shape[0]
+    for lo in range(0, n_slices, _CHUNK):  # bounded memory: sinograms of one chunk at a time
+        part = slice(lo, min(lo + _CHUNK, n_slices))
+        sinograms = simulate(padded[part], projector, params.i0, rng)
+        t_fbp = time.perf_counter()
+        fbp_mu[part] = projector.fbp(sinograms, params.filter_name)
+        fbp_seconds += time.perf_counter() - t_fbp
+        fbp_res += residuals(fbp_mu[part], sinograms, projector)
+        for i, sino in enumerate(sinograms):
+            k = lo + i
+            if params.method == "fbp":
+                result_mu[k], residual = fbp_mu[k], fbp_res[k]
+            else:
 
-            def step(f: float, k: int = k) -> None:
-                progress(_FBP_DONE + (1 - _FBP_DONE) * (k + f) / k_total, params.method)
+                def step(f: float, k: int = k) -> None:
+                    progress((k + f) / n_slices, params.method)
 
-            result_mu[k], residual = reconstruct_slice(scan.sinograms[k], projector, params, step)
+                result_mu[k], residual = reconstruct_slice(sino, projector, params, step)
             result_res.append(residual)
+            progress((k + 1) / n_slices, params.method)
     elapsed = time.perf_counter() - started
     out_hu = mu_to_hu(result_mu)[:, rows, cols]
     fbp_hu = mu_to_hu(fbp_mu)[:, rows, cols]

@@ -20,17 +20,6 @@ SliceProgress = Callable[[float], None]
 """``progress(fraction_of_this_slice)``."""
 
 
-def fbp_slices(
-    sinograms: npt.NDArray[np.float32], projector: Projector, filter_name: str, chunk: int = 16
-) -> npt.NDArray[np.float32]:
-    """FBP of ``(K, n_views, n_det)`` sinograms, ``(K, N, N)`` attenuation (1/mm)."""
-    parts = [
-        projector.fbp(sinograms[s : s + chunk], filter_name)  # type: ignore[arg-type]
-        for s in range(0, sinograms.shape[0], chunk)
-    ]
-    return np.concatenate(parts).astype(np.float32)
-
-
 def reconstruct_slice(
     sinogram: npt.NDArray[np.float32],
     projector: Projector,
