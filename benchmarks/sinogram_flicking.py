@@ -31,6 +31,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import bm3d
 import nibabel as nib
@@ -66,7 +67,7 @@ def ssim(x: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
 
 def load_slice(patient: str) -> tuple[np.ndarray, float]:
     """Middle axial slice (HU, rows +y, columns +x as in tests/unit/physics_data) and pixel mm."""
-    img = nib.load(OPENKBP / "validation-pats" / patient / "ct.nii.gz")
+    img: Any = nib.load(OPENKBP / "validation-pats" / patient / "ct.nii.gz")
     vol = np.asarray(img.dataobj, dtype=np.float32)  # (x, y, z)
     axial = vol[:, :, vol.shape[2] // 2].T
     return axial, float(img.header.get_zooms()[0])
