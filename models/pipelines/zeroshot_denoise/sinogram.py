@@ -9,8 +9,10 @@ position ``A`` and ``B`` hold the two independent measurements of the same line,
 ZS-N2N's pair split) and no neighbouring slices needed. Many copies (masks) are drawn; a light
 ZS-N2N network (:class:`~models.networks.zsn2n.ZSN2NNet`, predicting the noise) is fitted on
 random crops of pairs with the symmetric loss ``|A - f(A) - B|^2 + |B - f(B) - A|^2``,
-then applied to a few copies (``A`` and ``B`` of each, averaged) and the result reconstructed
-by FBP.
+then applied to a few copies (``A`` and ``B`` of each, averaged); the Gaussian-smoothed
+residual (sigma :data:`LOW_FREQUENCY_SIGMA`) is added back, because the short fit leaves a
+smooth signal-dependent bias (on an OpenKBP slice at I0 1e3 it cost 1.5 dB and SSIM 0.93 ->
+0.73; with the fix +1.2 dB over FBP), and the result is reconstructed by FBP.
 
 Approximations (said, not hidden): the network is the 3-layer ZS-N2N CNN, not the paper's
 architecture; copies are drawn per training step from a fixed pool of masks; for fan beam
@@ -32,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from models.errors import InputRejected
@@ -40,6 +43,9 @@ from models.physics.fbp_filters import FilterName
 from models.physics.projector import Projector
 from models.pipelines.zeroshot_denoise.conjugate import ConjugateMap, conjugate_map
 from models.pipelines.zeroshot_denoise.fit import CropSampler, FitConfig, train
+
+LOW_FREQUENCY_SIGMA = 6.0
+"""Gaussian sigma (views and bins) of the residual added back after denoising."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +189,13 @@ def denoise_sinogram(
         for i in range(cfg.ensemble):
             x = torch.from_numpy(pair(i)[:, None]).to(dev)  # (2, 1, V, n)
             total += _predict(net, x)[:, 0].sum(dim=0).double().cpu().numpy()
-    denoised = (total / (2 * cfg.ensemble) * scale + offset).astype(np.float32)
+    estimate = total / (2 * cfg.ensemble)
+    # The short fit leaves a smooth, signal-dependent bias (measured 0.04 in line integrals on
+    # an OpenKBP slice at I0 1e3); noise has almost no power at these scales, so the smoothed
+    # residual is added back (view axis periodic).
+    residual = norm - estimate
+    estimate += gaussian_filter(residual, LOW_FREQUENCY_SIGMA, mode=("wrap", "nearest"))
+    denoised = (estimate * scale + offset).astype(np.float32)
     facts = {
         "iterations": report.iterations,
         "stopped_early": report.stopped_early,
