@@ -21,18 +21,15 @@ Methods:
   bm3d          PyPI bm3d on the FBP slice, white-noise model with the *oracle* noise std in
                 the body (noisy - reference): an upper bound for white-noise BM3D
 
-Measured 2026-12-02 (2 CPU threads shared with other jobs, so seconds are inflated and noisy;
-``--patients 2 --iterations 200 --features 32``, pt_201 and pt_202), mean of the 2 slices:
+Measured 2026-12-02 (2 CPU threads, shared with other jobs, so the seconds are noisy;
+``--patients 2 --iterations 200 --features 32``: pt_201, pt_202), PSNR dB / SSIM, mean of 2:
 
-  I0 1e4 (oracle noise 9.7 / 17.7 HU): fbp 43.73 dB / 0.9951, flicking+fbp 42.64 / 0.9849,
-      image-zs 41.54 / 0.9940, bm3d 43.95 / 0.9955
-  I0 1e3 (31.3 / 59.8 HU): fbp 33.39 / 0.9534, flicking+fbp 32.75 / 0.8581 (pt_201 +0.19 dB,
-      pt_202 -1.47 dB with SSIM 0.73: structured error, not yet understood), image-zs 33.87 /
-      0.9566, bm3d (oracle) 34.92 / 0.9702
-
-So on these slices flicking does NOT beat plain 360-degree FBP (which already averages the
-conjugate pairs); it does on the TotalSegmentator slice of the unit test (28.0 -> 30.4 dB with
-the small test settings, 35.1 dB with 300 iterations x 48 features). Open question.
+  I0 1e3 (oracle noise 31.3 / 59.8 HU): fbp 33.39 / 0.9534, flicking+fbp 34.08 / 0.9604
+      (pt_201 36.06 -> 36.28, pt_202 30.72 -> 31.89; 13 s), image-zs 33.87 / 0.9566 (37 s),
+      bm3d (oracle sigma) 34.92 / 0.9702 (0.8 s)
+  I0 1e4, *before* the smoothed-residual fix in sinogram.py (the fit's smooth bias then cost
+      about 1 dB): fbp 43.73 / 0.9951, flicking+fbp 42.64 / 0.9849, image-zs 41.54 / 0.9940,
+      bm3d 43.95 / 0.9955. Near noise-free slices (9.7 / 17.7 HU) leave little to remove.
 
 Usage: python -m benchmarks.sinogram_flicking [--patients 3] [--views 360] [--i0 1e4]
        [--iterations 300] [--features 48] [--threads 2]
