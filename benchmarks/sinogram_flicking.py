@@ -27,9 +27,9 @@ Measured 2026-12-02 (2 CPU threads, shared with other jobs, so the seconds are n
   I0 1e3 (oracle noise 31.3 / 59.8 HU): fbp 33.39 / 0.9534, flicking+fbp 34.08 / 0.9604
       (pt_201 36.06 -> 36.28, pt_202 30.72 -> 31.89; 13 s), image-zs 33.87 / 0.9566 (37 s),
       bm3d (oracle sigma) 34.92 / 0.9702 (0.8 s)
-  I0 1e4, *before* the smoothed-residual fix in sinogram.py (the fit's smooth bias then cost
-      about 1 dB): fbp 43.73 / 0.9951, flicking+fbp 42.64 / 0.9849, image-zs 41.54 / 0.9940,
-      bm3d 43.95 / 0.9955. Near noise-free slices (9.7 / 17.7 HU) leave little to remove.
+  I0 1e4 (9.7 / 17.7 HU, near noise-free): fbp 43.73 / 0.9951, flicking+fbp 43.09 / 0.9947
+      (worse than FBP: it blurs more than the little noise it removes; before the
+      smoothed-residual fix 42.64 / 0.9849), image-zs 41.54 / 0.9940, bm3d 43.95 / 0.9955.
 
 Usage: python -m benchmarks.sinogram_flicking [--patients 3] [--views 360] [--i0 1e4]
        [--iterations 300] [--features 48] [--threads 2]
