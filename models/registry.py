@@ -19,8 +19,8 @@ from pydantic import BaseModel, ValidationError
 from models.errors import InvalidParameters, UnknownPipeline
 from models.pipelines.sparse_view_ct.params import SparseViewCTParams
 from models.pipelines.zeroshot_denoise.params import ZeroShotDenoiseParams
-from models.provenance import file_sha256
-from models.result import ProgressCallback, Result
+from models.provenance import code_version, file_sha256
+from models.result import ProgressCallback, Provenance, Result
 from models.volume import Volume
 
 PipelineFn = Callable[[Mapping[str, Volume], Any, ProgressCallback], Result]
@@ -184,3 +184,25 @@ def load_pipeline(spec: PipelineSpec) -> PipelineFn:
     module_name, _, attr = spec.factory.partition(":")
     fn: PipelineFn = getattr(importlib.import_module(module_name), attr)
     return fn
+
+
+def provenance_for(name: str, params: BaseModel, image: Volume) -> Provenance:
+    """The provenance stamp of one run of pipeline ``name`` on ``image``.
+
+    Args:
+        name: Registry name of the pipeline that ran.
+        params: Its validated parameters.
+        image: The input volume (its ``series_instance_uid`` meta, if any, is recorded).
+
+    Returns:
+        Pipeline name, version, weights sha256, code version, parameters and input UIDs.
+    """
+    spec = get_spec(name)
+    return Provenance(
+        pipeline=spec.name,
+        version=spec.version,
+        weights_sha256=spec.weights_sha256(),
+        code_version=code_version(),
+        parameters=params.model_dump(),
+        input_uids=[str(image.meta.get("series_instance_uid", ""))] if image.meta else [],
+    )

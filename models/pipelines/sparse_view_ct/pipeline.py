@@ -29,9 +29,8 @@ from models.pipelines.sparse_view_ct.acquisition import (
 from models.pipelines.sparse_view_ct.metrics import HU_WINDOW, psnr_db, ssim_in_mask
 from models.pipelines.sparse_view_ct.params import SparseViewCTParams
 from models.pipelines.sparse_view_ct.reconstruct import reconstruct_slice, residuals
-from models.provenance import code_version
-from models.registry import get_spec
-from models.result import Figure, ProgressCallback, Provenance, Result
+from models.registry import provenance_for
+from models.result import Figure, ProgressCallback, Result
 from models.transforms.figures import representative_slices
 from models.transforms.intensity import display_window
 from models.volume import Volume
@@ -171,15 +170,7 @@ def run(
         if not math.isfinite(measurements[key]):
             measurements[key] = None  # JSON has no inf/nan (empty body mask or exact match)
     figure = _comparison_figure(reference, fbp_hu, out_hu, params.method, params.views)
-    spec = get_spec("sparse-view-ct")
-    provenance = Provenance(
-        pipeline=spec.name,
-        version=spec.version,
-        weights_sha256=spec.weights_sha256(),
-        code_version=code_version(),
-        parameters=params.model_dump(),
-        input_uids=[str(image.meta.get("series_instance_uid", ""))] if image.meta else [],
-    )
+    provenance = provenance_for("sparse-view-ct", params, image)
     meta = {**image.meta, "derived_from": "sparse-view-ct"}
     volume = image.with_array(out_hu.astype(np.float32), meta=meta)
     progress(1.0, "done")

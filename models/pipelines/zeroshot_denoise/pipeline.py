@@ -37,9 +37,8 @@ from models.pipelines.zeroshot_denoise.splits import (
     slice_split_loss,
     slice_split_predict,
 )
-from models.provenance import code_version
-from models.registry import get_spec
-from models.result import Figure, ProgressCallback, Provenance, Result
+from models.registry import provenance_for
+from models.result import Figure, ProgressCallback, Result
 from models.transforms.figures import before_after_grid, representative_slices
 from models.transforms.intensity import Normaliser, display_window
 from models.transforms.noise import estimate_noise_std
@@ -208,14 +207,6 @@ def run(
         f"Rows: slices {shown}; columns: input, denoised, difference (input - denoised). "
         f"Window {window.name}; difference window +/-{3 * before_sigma:.3g} {image.units}.",
     )
-    spec = get_spec("zeroshot-denoise")
-    provenance = Provenance(
-        pipeline=spec.name,
-        version=spec.version,
-        weights_sha256=spec.weights_sha256(),
-        code_version=code_version(),
-        parameters=params.model_dump(),
-        input_uids=[str(image.meta.get("series_instance_uid", ""))] if image.meta else [],
-    )
+    provenance = provenance_for("zeroshot-denoise", params, image)
     denoised = image.with_array(out, meta={**image.meta, "derived_from": "zeroshot-denoise"})
     return Result({"denoised": denoised}, measurements, [figure], provenance)
