@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from models.errors import InputRejected
-from models.physics.geometry import ParallelBeamGeometry, _is_int, _is_positive_float
+from models.physics.geometry import ParallelBeamGeometry, ScanGrid, _is_int, _is_positive_float
 
 DetectorShape = Literal["equiangular", "flat"]
 """Fan-beam detector: an arc centred at the source (equal angles) or a flat line."""
@@ -49,7 +49,7 @@ def _image_reach_mm(image_size: int, pixel_size_mm: float) -> float:
 
 
 @dataclass(frozen=True)
-class FanBeamGeometry:
+class FanBeamGeometry(ScanGrid):
     """A 2D fan-beam scan of a square N x N image (conventions in the module docstring).
 
     ``n_detectors`` and ``detector_spacing_mm`` may be ``None``: the spacing then defaults to
@@ -154,33 +154,6 @@ class FanBeamGeometry:
         return self.source_to_detector_mm / self.source_to_isocentre_mm
 
     @property
-    def angles_rad(self) -> npt.NDArray[np.float64]:
-        """Source angles ``beta`` (rad), shape ``(n_views,)``: ``linspace(0, arc)``, end open."""
-        return np.linspace(0.0, math.radians(self.arc_deg), self.n_views, endpoint=False)
-
-    @property
-    def image_shape(self) -> tuple[int, int]:
-        """Shape ``(N, N)`` of one image."""
-        return (self.image_size, self.image_size)
-
-    @property
-    def sinogram_shape(self) -> tuple[int, int]:
-        """Shape ``(n_views, n_det)`` of one sinogram."""
-        return (self.n_views, self.n_det)
-
-    @property
-    def pixel_centres_mm(self) -> npt.NDArray[np.float64]:
-        """Pixel centre coordinates along either image axis (mm), shape ``(N,)``."""
-        n = self.image_size
-        return (np.arange(n, dtype=np.float64) - (n - 1) / 2.0) * self.pixel_size_mm
-
-    @property
-    def detector_centres_mm(self) -> npt.NDArray[np.float64]:
-        """Bin centres ``c_j`` along the detector (mm; arc length if curved), ``(n_det,)``."""
-        n = self.n_det
-        return (np.arange(n, dtype=np.float64) - (n - 1) / 2.0) * self.det_spacing_mm
-
-    @property
     def fan_angles_rad(self) -> npt.NDArray[np.float64]:
         """Fan angle ``gamma_j`` of every bin (rad), shape ``(n_det,)``."""
         c = self.detector_centres_mm
@@ -192,11 +165,6 @@ class FanBeamGeometry:
     def max_fan_angle_rad(self) -> float:
         """Largest ``|gamma|`` of the detector (rad)."""
         return float(np.max(np.abs(self.fan_angles_rad)))
-
-    @property
-    def fov_radius_mm(self) -> float:
-        """Radius (mm) of the circle inscribed in the image square."""
-        return self.image_size * self.pixel_size_mm / 2.0
 
     @property
     def short_scan_arc_deg(self) -> float:

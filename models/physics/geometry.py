@@ -69,8 +69,63 @@ def default_detector_count(image_size: int, pixel_size_mm: float, det_spacing_mm
     return count
 
 
+class ScanGrid:
+    """What parallel- and fan-beam geometries share: image grid, view angles, detector bins.
+
+    A mixin of the geometry dataclasses, which hold ``image_size``, ``pixel_size_mm``,
+    ``n_views`` and ``arc_deg`` and resolve ``n_det`` and ``det_spacing_mm``.
+    """
+
+    image_size: int
+    pixel_size_mm: float
+    n_views: int
+    arc_deg: float
+
+    @property
+    def n_det(self) -> int:
+        """Number of detector bins (resolved by the geometry)."""
+        raise NotImplementedError
+
+    @property
+    def det_spacing_mm(self) -> float:
+        """Detector bin pitch in mm (resolved by the geometry)."""
+        raise NotImplementedError
+
+    @property
+    def angles_rad(self) -> npt.NDArray[np.float64]:
+        """View (source) angles in radians, shape ``(n_views,)``: ``linspace(0, arc)``, end open."""
+        return np.linspace(0.0, math.radians(self.arc_deg), self.n_views, endpoint=False)
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """Shape ``(N, N)`` of one image."""
+        return (self.image_size, self.image_size)
+
+    @property
+    def sinogram_shape(self) -> tuple[int, int]:
+        """Shape ``(n_views, n_det)`` of one sinogram."""
+        return (self.n_views, self.n_det)
+
+    @property
+    def pixel_centres_mm(self) -> npt.NDArray[np.float64]:
+        """Pixel centre coordinates along either image axis (mm), shape ``(N,)``."""
+        n = self.image_size
+        return (np.arange(n, dtype=np.float64) - (n - 1) / 2.0) * self.pixel_size_mm
+
+    @property
+    def detector_centres_mm(self) -> npt.NDArray[np.float64]:
+        """Bin centres along the detector (mm; arc length on a curved one), shape ``(n_det,)``."""
+        n = self.n_det
+        return (np.arange(n, dtype=np.float64) - (n - 1) / 2.0) * self.det_spacing_mm
+
+    @property
+    def fov_radius_mm(self) -> float:
+        """Radius (mm) of the circle inscribed in the image square."""
+        return self.image_size * self.pixel_size_mm / 2.0
+
+
 @dataclass(frozen=True)
-class ParallelBeamGeometry:
+class ParallelBeamGeometry(ScanGrid):
     """A 2D parallel-beam scan of a square N x N image.
 
     ``n_detectors`` and ``detector_spacing_mm`` may be given as ``None``; they are then resolved
@@ -138,35 +193,3 @@ class ParallelBeamGeometry:
         """Detector bin spacing in mm (resolved)."""
         assert self.detector_spacing_mm is not None  # resolved in __post_init__
         return self.detector_spacing_mm
-
-    @property
-    def angles_rad(self) -> npt.NDArray[np.float64]:
-        """View angles in radians, shape ``(n_views,)``: ``linspace(0, arc, n_views)``, end open."""
-        return np.linspace(0.0, math.radians(self.arc_deg), self.n_views, endpoint=False)
-
-    @property
-    def image_shape(self) -> tuple[int, int]:
-        """Shape ``(N, N)`` of one image."""
-        return (self.image_size, self.image_size)
-
-    @property
-    def sinogram_shape(self) -> tuple[int, int]:
-        """Shape ``(n_views, n_det)`` of one sinogram."""
-        return (self.n_views, self.n_det)
-
-    @property
-    def pixel_centres_mm(self) -> npt.NDArray[np.float64]:
-        """Pixel centre coordinates along either image axis (mm), shape ``(N,)``."""
-        n = self.image_size
-        return (np.arange(n, dtype=np.float64) - (n - 1) / 2.0) * self.pixel_size_mm
-
-    @property
-    def detector_centres_mm(self) -> npt.NDArray[np.float64]:
-        """Detector bin centres ``t_j`` (mm), shape ``(n_det,)``."""
-        n = self.n_det
-        return (np.arange(n, dtype=np.float64) - (n - 1) / 2.0) * self.det_spacing_mm
-
-    @property
-    def fov_radius_mm(self) -> float:
-        """Radius (mm) of the circle inscribed in the image square."""
-        return self.image_size * self.pixel_size_mm / 2.0
