@@ -21,9 +21,10 @@ from models.pipelines.sparse_view_ct.params import SparseViewCTParams
 from models.pipelines.zeroshot_denoise.params import ZeroShotDenoiseParams
 from models.provenance import code_version, file_sha256
 from models.result import ProgressCallback, Provenance, Result
+from models.sinogram import Sinogram
 from models.volume import Volume
 
-PipelineFn = Callable[[Mapping[str, Volume], Any, ProgressCallback], Result]
+PipelineFn = Callable[[Mapping[str, Volume | Sinogram], Any, ProgressCallback], Result]
 """``run(inputs, params, progress) -> Result``: the signature every factory returns."""
 
 Queue = Literal["gpu", "cpu"]
@@ -69,6 +70,9 @@ class PipelineSpec:
         weights: Path of the weights file relative to the repository's ``models`` package, or
             ``None`` for a weight-free pipeline.
         time_limit_s: Hard time limit for one job, seconds.
+        sinogram_input: What projection data the pipeline accepts instead of its image input
+            (passed as ``inputs["sinogram"]``, a :class:`~models.sinogram.Sinogram`), or
+            ``None`` when it takes images only.
     """
 
     name: str
@@ -82,6 +86,7 @@ class PipelineSpec:
     model_card: str
     weights: str | None = None
     time_limit_s: int = 3600
+    sinogram_input: str | None = None
 
     def card_text(self) -> str:
         """Return the model card (Markdown)."""
@@ -186,13 +191,14 @@ def load_pipeline(spec: PipelineSpec) -> PipelineFn:
     return fn
 
 
-def provenance_for(name: str, params: BaseModel, image: Volume) -> Provenance:
+def provenance_for(name: str, params: BaseModel, image: Volume | Sinogram) -> Provenance:
     """The provenance stamp of one run of pipeline ``name`` on ``image``.
 
     Args:
         name: Registry name of the pipeline that ran.
         params: Its validated parameters.
-        image: The input volume (its ``series_instance_uid`` meta, if any, is recorded).
+        image: The input volume (its ``series_instance_uid`` meta, if any, is recorded) or
+            sinogram (its ``source_file`` name is).
 
     Returns:
         Pipeline name, version, weights sha256, code version, parameters and input UIDs.
@@ -204,5 +210,7 @@ def provenance_for(name: str, params: BaseModel, image: Volume) -> Provenance:
         weights_sha256=spec.weights_sha256(),
         code_version=code_version(),
         parameters=params.model_dump(),
-        input_uids=[str(image.meta.get("series_instance_uid", ""))] if image.meta else [],
+        input_uids=[str(image.meta.get("series_instance_uid", image.meta.get("source_file", "")))]
+        if image.meta
+        else [],
     )

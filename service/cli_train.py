@@ -31,6 +31,7 @@ def add_train_commands(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--crop", type=int, default=96)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--validate-every", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import InputRejected, PipelineFailed, VoxelgateError
-from models.registry import PipelineSpec, get_spec, load_pipeline, validate_params
-from models.result import ProgressCallback
+from models.registry import PipelineSpec, all_specs, get_spec, load_pipeline, validate_params
+from models.result import ProgressCallback, Result
 from service.io.outputs import write_outputs
 from service.io.read_any import read_volume
+from service.io.sinogram import find_bundle_json, read_sinogram
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class LocalJob:
 
     Attributes:
         pipeline: Registry name.
-        input_path: DICOM folder/zip/file, NIfTI, NRRD or MHA.
+        input_path: DICOM folder/zip/file, NIfTI, NRRD or MHA; or a sinogram bundle (its
+            geometry JSON, or a folder holding it) for pipelines that take projection data.
         output_dir: Destination folder (appears atomically).
         params: Raw parameters (validated against the registry before any work).
         series_uid: Series to pick when the input holds several.
@@ -58,16 +60,38 @@ def run_local(job: LocalJob, progress: ProgressCallback) -> dict[str, Any]:
     """
     spec = get_spec(job.pipeline)
     params = validate_params(spec, job.params)
+    if Path(job.input_path).exists() and find_bundle_json(job.input_path) is not None:
+        return _run_sinogram(spec, params, job, progress)
     loaded = read_volume(job.input_path, job.series_uid, job.allow_missing_study_uid)
     template = loaded.dicom.template if loaded.dicom is not None else None
     if job.study_uid and template is not None and not str(template.get("StudyInstanceUID", "")):
         template.StudyInstanceUID = job.study_uid
     _check_modality(spec, loaded.volume.modality)
+    result = _compute(spec, {spec.inputs[0].name: loaded.volume}, params, progress)
+    return write_outputs(result, job.output_dir, loaded.dicom)
+
+
+def _compute(
+    spec: PipelineSpec, inputs: Mapping[str, Any], params: Any, progress: ProgressCallback
+) -> Result:
     run = load_pipeline(spec)
     try:
-        result = run({spec.inputs[0].name: loaded.volume}, params, progress)
+        return run(inputs, params, progress)
     except VoxelgateError:
         raise
     except Exception as exc:  # translate once: any unexpected error is a failed pipeline
         raise PipelineFailed(f"{spec.name} failed: {type(exc).__name__}: {exc}") from exc
-    return write_outputs(result, job.output_dir, loaded.dicom)
+
+
+def _run_sinogram(
+    spec: PipelineSpec, params: Any, job: LocalJob, progress: ProgressCallback
+) -> dict[str, Any]:
+    if spec.sinogram_input is None:
+        takers = [s.name for s in all_specs() if s.sinogram_input is not None]
+        raise InputRejected(
+            f"{spec.name} takes images, not projection data; sinogram bundles are accepted by "
+            f"{', '.join(takers) or 'no pipeline'}"
+        )
+    sinogram = read_sinogram(job.input_path)
+    result = _compute(spec, {"sinogram": sinogram}, params, progress)
+    return write_outputs(result, job.output_dir, None)

@@ -123,6 +123,7 @@ def _config(args: argparse.Namespace) -> Any:
         batch_size=args.batch_size,
         crop=args.crop,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
         checkpoint_every=args.checkpoint_every,
         validate_every=args.validate_every,
         seed=args.seed,

@@ -14,6 +14,7 @@ State goes in and out as plain dicts (``model``, ``optimizer``, ``step``, ``conf
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -52,7 +53,10 @@ class TrainConfig:
         steps: Total optimisation steps (a resumed run continues up to this).
         batch_size: Slices per step.
         crop: Side of the training crops (pixels).
-        lr: AdamW learning rate.
+        lr: AdamW peak learning rate.
+        lr_schedule: ``"cosine"`` (decays from ``lr`` to ``lr * lr_floor`` over ``steps``, a
+            pure function of the step, so resuming keeps it) or ``"constant"``.
+        lr_floor: Final learning rate as a fraction of ``lr`` (cosine only).
         weight_decay: AdamW weight decay.
         w_direction: Weight of the representation-direction loss.
         w_contrast: Weight of the band-pass contrastive loss.
@@ -72,6 +76,8 @@ class TrainConfig:
     batch_size: int = 4
     crop: int = 96
     lr: float = 3e-4
+    lr_schedule: str = "cosine"
+    lr_floor: float = 0.05
     weight_decay: float = 1e-4
     w_direction: float = 0.1
     w_contrast: float = 0.02
@@ -92,6 +98,20 @@ class TrainConfig:
             raise InputRejected("steps, batch_size, checkpoint_every must be >= 1 and crop >= 8")
         if not 0 < self.lr < 1:
             raise InputRejected(f"lr must be in (0, 1), got {self.lr}")
+        if self.lr_schedule not in ("cosine", "constant") or not 0 <= self.lr_floor <= 1:
+            raise InputRejected(
+                f"lr_schedule must be 'cosine' or 'constant' and lr_floor in [0, 1], got "
+                f"{self.lr_schedule!r}, {self.lr_floor}"
+            )
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The learning rate of optimisation step ``step`` (0-based) of ``config.steps``."""
+    if config.lr_schedule == "constant":
+        return config.lr
+    progress = min(max(step / max(config.steps - 1, 1), 0.0), 1.0)
+    floor = config.lr * config.lr_floor
+    return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -255,12 +275,16 @@ def train(
             batch_size=config.batch_size,
             crop=config.crop,
         )
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
         loss, parts = batch_loss(model, batch, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
-        history.append({"step": step, "views": batch.views, **parts})
+        history.append(
+            {"step": step, "views": batch.views, "lr": optimizer.param_groups[0]["lr"], **parts}
+        )
         if progress is not None:
             progress(step, config.steps, parts)
         if val is not None and config.validate_every and step % config.validate_every == 0:

@@ -14,17 +14,17 @@ import pytest
 import torch
 
 from models.errors import InputRejected
-from models.physics.fan_geometry import FanBeamGeometry
-from models.physics.fan_projector import TorchFanProjector
-from models.physics.geometry import ParallelBeamGeometry
-from models.physics.lowdose import estimate_body_mask, hu_to_mu, mu_to_hu, noisy_line_integrals
-from models.physics.projector import TorchParallelProjector
-from models.pipelines.zeroshot_denoise.conjugate import (
+from models.physics.conjugate import (
     _taps,
     conjugate_map,
     estimate_centre_offset,
     parallel_conjugate_map,
 )
+from models.physics.fan_geometry import FanBeamGeometry
+from models.physics.fan_projector import TorchFanProjector
+from models.physics.geometry import ParallelBeamGeometry
+from models.physics.lowdose import estimate_body_mask, hu_to_mu, mu_to_hu, noisy_line_integrals
+from models.physics.projector import TorchParallelProjector
 from models.pipelines.zeroshot_denoise.sinogram import (
     FlickingConfig,
     denoise_sinogram,

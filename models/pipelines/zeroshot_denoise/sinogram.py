@@ -39,9 +39,9 @@ from torch import nn
 
 from models.errors import InputRejected
 from models.networks.zsn2n import ZSN2NNet
+from models.physics.conjugate import ConjugateMap, conjugate_map
 from models.physics.fbp_filters import FilterName
 from models.physics.projector import Projector
-from models.pipelines.zeroshot_denoise.conjugate import ConjugateMap, conjugate_map
 from models.pipelines.zeroshot_denoise.fit import CropSampler, FitConfig, train
 
 LOW_FREQUENCY_SIGMA = 6.0
