@@ -1,4 +1,19 @@
-"""Reconstruction speed benchmark: FBP, SIRT and CGLS, ours vs ASTRA CPU vs scikit-image.
+"""Reconstruction benchmarks: speed (ours vs ASTRA CPU vs scikit-image), quality, flicking.
+
+One command runs three parts (``--parts speed,quality,flicking``, default all, in that order):
+
+* ``speed`` (this module, described below): FBP, SIRT and CGLS, ours vs ASTRA CPU vs
+  scikit-image, on a 512 x 512 slice.
+* ``quality`` (:mod:`benchmarks.recon_quality`): PSNR/SSIM of FBP, SIRT, CGLS, TV and the
+  learned network on held-out OpenKBP validation slices, simulated fan beam with Poisson noise
+  at 18/36/60/90 views plus the 720-view FBP, and the issue's targets; its options are passed
+  with ``--quality-args "..."`` (e.g. ``"--patients 2 --learned-weights W.pt --json q.json"``).
+* ``flicking`` (:mod:`benchmarks.sinogram_flicking`): sinogram flicking vs image-domain
+  zero-shot vs BM3D on simulated low dose, with small defaults (``--flicking-args``).
+
+``--threads`` is handed to all three parts (a part's own ``--threads`` in its args wins).
+
+Speed part:
 
 Data: a real 512 x 512 CT slice (dcmqi ct-3slice/01.dcm, GE LightSpeed, 0.81 mm pixels),
 converted to attenuation (``hu_to_mu``), projected in parallel beam over 180 degrees with our
@@ -21,8 +36,10 @@ rows) is our time over ASTRA's for the same task. ``iradon_sart`` sweeps stop af
 load average is printed: on the shared 2-core machine,
 other processes slow every figure.
 
-Run: ``python benchmarks/recon.py [--views 60 720] [--iterations 50] [--repeats 3]
-[--no-skimage] [--cache-mb 256] [--threads 2] [--sart-budget-s 90]``.
+Run: ``python benchmarks/recon.py [--parts speed,quality,flicking] [--views 60 720]
+[--iterations 50] [--repeats 3] [--no-skimage] [--cache-mb 256] [--threads 2]
+[--sart-budget-s 90] [--quality-args "..."] [--flicking-args "..."]`` (``--views`` and
+``--iterations`` are the speed part's).
 """
 
 from __future__ import annotations
@@ -31,6 +48,7 @@ import argparse
 import importlib.util
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +68,9 @@ from models.physics.projector import TorchParallelProjector
 SLICE = Path(__file__).resolve().parents[2] / "shared" / "data" / "dcmqi" / "ct-3slice" / "01.dcm"
 THREADS = 2
 I0 = 1e6
+PARTS = ("speed", "quality", "flicking")
+FLICKING_ARGS = "--patients 1 --iterations 200 --features 32"
+"""Small defaults of the flicking part (its own defaults take 3 patients x 300 iterations)."""
 
 
 def load_slice() -> tuple[np.ndarray, float]:
@@ -160,7 +181,7 @@ def run_views(
         note = f"residual {rec.report.residual:.4f}"
         rows.append((f"{task} {its} it", "ours", t, metric.psnr(rec.image), note))
         if astra is not None:
-            t, image = timed(lambda name=task: astra_run(*astra, name, sino, its))
+            t, image = timed(lambda name=task: astra_run(*astra, name, sino, its))  # type: ignore[misc]
             note = f"residual {data_residual(image, sino, ours):.4f}"
             rows.append((f"{task} {its} it", "ASTRA", t, metric.psnr(image), note))
     if sk_sino is not None:
@@ -190,24 +211,13 @@ def run_views(
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--views", type=int, nargs="+", default=[60, 720])
-    parser.add_argument("--iterations", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-skimage", action="store_true")
-    parser.add_argument("--threads", type=int, default=THREADS, help="our torch threads")
-    parser.add_argument(
-        "--sart-budget-s", type=float, default=90.0, help="stop iradon_sart sweeps after this"
-    )
-    parser.add_argument(
-        "--cache-mb", type=float, default=256.0, help="our projector's grid cache (MB)"
-    )
-    args = parser.parse_args()
+def speed(args: argparse.Namespace) -> None:
+    """The speed part: every method at every ``args.views``, rows printed as they come."""
     torch.set_num_threads(args.threads)
     hu, pixel = load_slice()
     mu = hu_to_mu(hu)
     metric = Metric(hu)
+    print("## Reconstruction speed")
     print(f"slice {SLICE.name}: {hu.shape[0]}x{hu.shape[1]}, {pixel:.3f} mm, I0 = {I0:g}")
     print(f"ours: {args.threads} torch threads, cache_mb={args.cache_mb:g}; ASTRA CPU: 1 thread")
     print(f"load average at start: {os.getloadavg()}")
@@ -216,6 +226,78 @@ def main() -> None:
     for views in args.views:
         run_views(mu, pixel, metric, views, args)
     print(f"load average at end: {os.getloadavg()}")
+
+
+def quality(args: argparse.Namespace) -> None:
+    """The quality part: :func:`benchmarks.recon_quality.main` with ``--quality-args``."""
+    from benchmarks import recon_quality
+
+    recon_quality.main(["--threads", str(args.threads), *shlex.split(args.quality_args)])
+
+
+def flicking(args: argparse.Namespace) -> None:
+    """The flicking part: :func:`benchmarks.sinogram_flicking.main` with ``--flicking-args``."""
+    from benchmarks import sinogram_flicking
+
+    print("## Sinogram flicking vs image-domain zero-shot vs BM3D (simulated low dose)")
+    argv = sys.argv
+    sys.argv = [
+        "sinogram_flicking",
+        "--threads",
+        str(args.threads),
+        *shlex.split(args.flicking_args),
+    ]
+    try:
+        sinogram_flicking.main()  # it parses sys.argv itself
+    finally:
+        sys.argv = argv
+
+
+def parse_parts(text: str) -> list[str]:
+    """``"speed,quality"`` -> the parts in their fixed order; unknown names are an error."""
+    asked = {p.strip() for p in text.split(",") if p.strip()}
+    unknown = asked - set(PARTS)
+    if unknown or not asked:
+        raise argparse.ArgumentTypeError(
+            f"--parts takes a comma-separated subset of {','.join(PARTS)}, got {text!r}"
+        )
+    return [p for p in PARTS if p in asked]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--parts",
+        type=parse_parts,
+        default=list(PARTS),
+        help=f"comma-separated subset of {','.join(PARTS)} (default all)",
+    )
+    parser.add_argument("--views", type=int, nargs="+", default=[60, 720])
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-skimage", action="store_true")
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads, all parts")
+    parser.add_argument(
+        "--sart-budget-s", type=float, default=90.0, help="stop iradon_sart sweeps after this"
+    )
+    parser.add_argument(
+        "--cache-mb", type=float, default=256.0, help="our projector's grid cache (MB)"
+    )
+    parser.add_argument(
+        "--quality-args", default="", help="options of benchmarks/recon_quality.py (one string)"
+    )
+    parser.add_argument(
+        "--flicking-args",
+        default=FLICKING_ARGS,
+        help=f"options of benchmarks/sinogram_flicking.py (default {FLICKING_ARGS!r})",
+    )
+    args = parser.parse_args(argv)
+    runners = {"speed": speed, "quality": quality, "flicking": flicking}
+    for index, part in enumerate(args.parts):
+        if index:
+            print(flush=True)
+        runners[part](args)
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
