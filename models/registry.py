@@ -102,18 +102,22 @@ class PipelineSpec:
 _SPECS: tuple[PipelineSpec, ...] = (
     PipelineSpec(
         name="zeroshot-denoise",
-        version="1.0.0",
+        version="1.1.0",
         summary=(
             "Self-supervised single-scan denoising (ZS-N2N-style pair downsampling, "
-            "neighbouring-slice context, early stopping); no training data, no weights."
+            "neighbouring-slice context, early stopping; or, domain=sinogram, conjugate-ray "
+            "flicking of a 360 degree sinogram, then FBP); no training data, no weights."
         ),
         inputs=(InputSpec("image", ("CT", "MR", "OT"), "a CT (HU) or MR volume"),),
-        outputs=("denoised",),
+        outputs=("denoised", "fbp"),
         queue="gpu",
         params_model=ZeroShotDenoiseParams,
         factory="models.pipelines.zeroshot_denoise.pipeline:run",
         model_card="zeroshot_denoise.md",
         time_limit_s=3600,
+        sinogram_input="domain=sinogram only: a sinogram bundle (geometry JSON + npy/TIFF/NIfTI) "
+        "of a full 360 degree parallel- or fan-beam scan (conjugate-ray flicking needs every "
+        "ray measured twice); outputs denoised (flicking + FBP) and fbp (plain FBP)",
     ),
     PipelineSpec(
         name="sparse-view-ct",
@@ -122,13 +126,22 @@ _SPECS: tuple[PipelineSpec, ...] = (
             "Simulated fan-beam sparse-view scan of a CT volume (Poisson noise, fixed seed), "
             "reconstructed with FBP, SIRT, CGLS or TV; PSNR/SSIM against the input."
         ),
-        inputs=(InputSpec("image", ("CT",), "a full-dose CT volume in HU, square pixels"),),
+        inputs=(
+            InputSpec(
+                "image",
+                ("CT",),
+                "a full-dose CT volume in HU, square pixels (simulation), or a sparse-view FBP "
+                "series (input_kind sparse-view-fbp)",
+            ),
+        ),
         outputs=("reconstruction",),
         queue="gpu",
         params_model=SparseViewCTParams,
         factory="models.pipelines.sparse_view_ct.pipeline:run",
         model_card="sparse_view_ct.md",
         time_limit_s=3600,
+        sinogram_input="a sinogram bundle (geometry JSON + npy/TIFF/NIfTI): parallel or fan "
+        "beam, counts, transmission or line integrals",
     ),
 )
 

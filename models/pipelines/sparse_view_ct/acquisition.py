@@ -16,6 +16,7 @@ import numpy.typing as npt
 
 from models.errors import InputRejected
 from models.physics.fan_geometry import FanBeamGeometry
+from models.physics.geometry import ParallelBeamGeometry
 from models.physics.lowdose import hu_to_mu, noisy_line_integrals
 from models.physics.projector import Projector
 from models.pipelines.sparse_view_ct.params import SparseViewCTParams
@@ -23,6 +24,12 @@ from models.volume import Volume
 
 MIN_PIXELS = 16
 """Smallest slice side (pixels) accepted."""
+
+CLINICAL_SOD_MM = 595.0
+"""Source to isocentre of the clinical scanner (mm): the training simulation's."""
+
+CLINICAL_SDD_MM = 1085.6
+"""Source to detector of the clinical scanner (mm)."""
 
 AIR_HU = -1000.0
 """Value (HU) of the padding that makes a slice square (air, attenuation 0)."""
@@ -86,28 +93,36 @@ def image_reach_mm(n: int, pixel_mm: float) -> float:
 def build_geometry(n: int, pixel_mm: float, params: SparseViewCTParams) -> FanBeamGeometry:
     """The 360 degree fan-beam geometry of the parameters for an ``n x n`` slice.
 
-    Defaults scale with the slice's field of view: source-to-isocentre twice the half
-    diagonal ``R`` (half fan angle 30 degrees), source-to-detector twice that (magnification
-    2), bins of ``pixel / detector_bins_per_pixel`` at the isocentre, and the fewest bins whose
-    fan covers the whole square slice.
+    Defaults with ``scanner="scaled"`` scale with the slice's field of view: source-to-isocentre
+    twice the half diagonal ``R`` (half fan angle 30 degrees), source-to-detector twice that
+    (magnification 2). With ``"clinical"`` (``"auto"`` and method ``learned``) they are those
+    of the training simulation (:mod:`models.training.sparse_view_data`): 595 mm and 1085.6 mm,
+    scaled up together when the slice needs more than ``0.8 * 595`` mm of reach. Bins are
+    ``pixel / detector_bins_per_pixel`` at the isocentre, and the fewest whose fan covers the
+    whole square slice.
 
     Raises:
         InputRejected: A source inside the slice, a detector nearer than the isocentre, or too
             few bins to cover the slice, each saying which parameter to change and to what.
     """
     reach = image_reach_mm(n, pixel_mm)
-    sod = params.source_to_isocentre_mm or 2.0 * reach
+    clinical = params.scanner == "clinical" or (
+        params.scanner == "auto" and params.method == "learned"
+    )
+    default_sod = max(CLINICAL_SOD_MM, 1.25 * reach) if clinical else 2.0 * reach
+    sod = params.source_to_isocentre_mm or default_sod
     if sod <= reach:
         raise InputRejected(
             f"source_to_isocentre_mm={sod:g} puts the source inside the {n}x{n} slice of "
             f"{pixel_mm:g} mm pixels; it must exceed {reach:.1f} mm (half diagonal + 1 pixel): "
-            f"raise it or leave it unset (default {2.0 * reach:.1f} mm)"
+            f"raise it or leave it unset (default {default_sod:.1f} mm)"
         )
-    sdd = params.source_to_detector_mm or 2.0 * sod
+    ratio = CLINICAL_SDD_MM / CLINICAL_SOD_MM if clinical else 2.0
+    sdd = params.source_to_detector_mm or ratio * sod
     if sdd <= sod:
         raise InputRejected(
             f"source_to_detector_mm={sdd:g} must exceed source_to_isocentre_mm={sod:g}: raise "
-            f"it or leave it unset (default {2.0 * sod:.1f} mm)"
+            f"it or leave it unset (default {ratio * sod:.1f} mm)"
         )
     spacing = pixel_mm * (sdd / sod) / params.detector_bins_per_pixel
     covering = FanBeamGeometry(n, pixel_mm, params.views, sod, sdd, params.detector, None, spacing)
@@ -125,8 +140,20 @@ def build_geometry(n: int, pixel_mm: float, params: SparseViewCTParams) -> FanBe
     )
 
 
-def geometry_facts(geometry: FanBeamGeometry) -> dict[str, float | int | str]:
+def geometry_facts(
+    geometry: FanBeamGeometry | ParallelBeamGeometry,
+) -> dict[str, float | int | str]:
     """JSON-ready description of the scan (mm, degrees)."""
+    if isinstance(geometry, ParallelBeamGeometry):
+        return {
+            "beam": "parallel",
+            "views": geometry.n_views,
+            "arc_deg": geometry.arc_deg,
+            "n_detectors": geometry.n_det,
+            "detector_spacing_mm": geometry.det_spacing_mm,
+            "image_size": geometry.image_size,
+            "pixel_size_mm": geometry.pixel_size_mm,
+        }
     return {
         "beam": "fan",
         "detector": geometry.detector,

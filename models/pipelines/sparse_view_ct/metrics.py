@@ -21,33 +21,41 @@ HU_WINDOW: tuple[float, float] = (-1000.0, 1000.0)
 _SIGMA, _TRUNCATE = 1.5, 3.5
 
 
-def _clip(x: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
-    return np.clip(np.asarray(x, dtype=np.float64), *HU_WINDOW)
+Window = tuple[float, float]
+"""``(low, high)`` intensity range both images are clipped to; its width is the data range."""
+
+
+def _clip(x: npt.NDArray[np.floating], window: Window = HU_WINDOW) -> npt.NDArray[np.float64]:
+    return np.clip(np.asarray(x, dtype=np.float64), *window)
 
 
 def psnr_db(
     image_hu: npt.NDArray[np.floating],
     reference_hu: npt.NDArray[np.floating],
     mask: npt.NDArray[np.bool_],
+    window: Window = HU_WINDOW,
 ) -> float:
     """PSNR (dB) of ``image_hu`` against ``reference_hu`` in ``mask`` (any equal shapes).
 
+    ``window`` is the clip range (default the HU window; another range for non-HU images).
     Returns ``inf`` for identical images and ``nan`` for an empty mask.
     """
     if not mask.any():
         return math.nan
-    err = _clip(image_hu)[mask] - _clip(reference_hu)[mask]
+    err = _clip(image_hu, window)[mask] - _clip(reference_hu, window)[mask]
     mse = float(np.mean(err**2))
-    span = HU_WINDOW[1] - HU_WINDOW[0]
+    span = window[1] - window[0]
     return math.inf if mse == 0.0 else 10.0 * math.log10(span**2 / mse)
 
 
 def ssim_map(
-    image_hu: npt.NDArray[np.floating], reference_hu: npt.NDArray[np.floating]
+    image_hu: npt.NDArray[np.floating],
+    reference_hu: npt.NDArray[np.floating],
+    window: Window = HU_WINDOW,
 ) -> npt.NDArray[np.float64]:
-    """SSIM map of two ``(H, W)`` slices in the HU window, shape ``(H, W)``."""
-    x, y = _clip(image_hu), _clip(reference_hu)
-    span = HU_WINDOW[1] - HU_WINDOW[0]
+    """SSIM map of two ``(H, W)`` slices clipped to ``window``, shape ``(H, W)``."""
+    x, y = _clip(image_hu, window), _clip(reference_hu, window)
+    span = window[1] - window[0]
     c1, c2 = (0.01 * span) ** 2, (0.03 * span) ** 2
     radius = int(_TRUNCATE * _SIGMA + 0.5)
     n_win = (2 * radius + 1) ** 2
@@ -69,8 +77,11 @@ def ssim_in_mask(
     image_hu: npt.NDArray[np.floating],
     reference_hu: npt.NDArray[np.floating],
     mask: npt.NDArray[np.bool_],
+    window: Window = HU_WINDOW,
 ) -> float:
     """Mean SSIM over the mask of ``(K, H, W)`` volumes (2D SSIM per slice); ``nan`` if empty."""
-    values = [ssim_map(a, b)[m] for a, b, m in zip(image_hu, reference_hu, mask, strict=True)]
+    values = [
+        ssim_map(a, b, window)[m] for a, b, m in zip(image_hu, reference_hu, mask, strict=True)
+    ]
     pooled = np.concatenate(values) if values else np.zeros(0)
     return float(pooled.mean()) if pooled.size else math.nan

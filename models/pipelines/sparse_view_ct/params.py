@@ -15,25 +15,58 @@ DEFAULT_ITERATIONS: dict[str, int] = {"sirt": 200, "cgls": 12, "tv": 200}
 
 Method = Literal["fbp", "sirt", "cgls", "tv", "learned"]
 
+DEFAULT_METHOD: Method = "learned" if LEARNED_WEIGHTS is not None else "tv"
+"""``learned`` when its weights are shipped, else ``tv``."""
+
 
 class SparseViewCTParams(BaseModel):
-    """Validated parameters of the sparse-view CT simulation and reconstruction.
+    """Validated parameters of sparse-view CT reconstruction.
 
-    Every slice of the input (HU) is converted to attenuation, forward-projected with a 360
-    degree fan-beam scan of ``views`` source positions, given Poisson noise of ``i0`` photons
-    per detector bin and view (fixed ``seed``), and reconstructed with ``method``. Geometry
-    fields left unset are scaled to the slice's field of view (see ``acquisition``).
+    Three inputs (issue 5): (a) a sinogram bundle (measured or simulated projection data with
+    its geometry JSON): reconstructed with ``method`` from all its views, or from every
+    ``view_stride``-th view (retrospective sparse view; the all-view FBP is then the reference
+    of the reported PSNR/SSIM); (b) ``input_kind="full-dose-ct"``: every slice (HU) is
+    converted to attenuation, forward-projected with a 360 degree fan-beam scan of ``views``
+    source positions, given Poisson noise of ``i0`` photons per detector bin and view (fixed
+    ``seed``) and reconstructed; (c) ``input_kind="sparse-view-fbp"``: the input already is an
+    FBP series from ``views`` views and is post-processed by the learned network. Geometry
+    fields left unset follow ``scanner`` (see ``acquisition``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: Method = Field(
-        "tv",
+        DEFAULT_METHOD,
         description="fbp: filtered backprojection; sirt / cgls: iterative least squares; "
         "tv: total-variation regularised (Chambolle-Pock) with non-negativity; learned: the "
         "trained post-processing network (refused until its weights exist)",
     )
-    views: int = Field(60, ge=4, le=4096, description="source positions over 360 degrees")
+    input_kind: Literal["full-dose-ct", "sparse-view-fbp"] = Field(
+        "full-dose-ct",
+        description="image inputs: full-dose-ct simulates a sparse-view scan of it (the input "
+        "is the reference); sparse-view-fbp post-processes an FBP series reconstructed from "
+        "`views` views (method learned only). Sinogram bundles ignore it.",
+    )
+    views: int = Field(
+        60,
+        ge=4,
+        le=4096,
+        description="source positions over 360 degrees (simulation), or the views the "
+        "sparse-view FBP input was made from",
+    )
+    view_stride: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="sinogram input: reconstruct from every view_stride-th view (must divide "
+        "the number of views); the all-view FBP becomes the reference of PSNR/SSIM",
+    )
+    scanner: Literal["auto", "scaled", "clinical"] = Field(
+        "auto",
+        description="simulation geometry when distances are unset: scaled (source at twice "
+        "the slice's half diagonal), clinical (595 / 1085.6 mm, the scanner the learned "
+        "network was trained with); auto: clinical for learned, else scaled",
+    )
     iterations: int | None = Field(
         None,
         ge=1,

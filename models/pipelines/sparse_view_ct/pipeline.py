@@ -1,8 +1,12 @@
-"""``sparse-view-ct``: a simulated fan-beam sparse-view scan of a CT volume, reconstructed.
+"""``sparse-view-ct``: sparse-view CT reconstruction from three kinds of input.
 
-Simulation mode (input (b) of the issue): each slice of the full-dose CT is the ground truth of
-a 360 degree fan-beam scan of ``views`` source positions with Poisson noise, reconstructed with
-FBP, SIRT, CGLS or TV. The input is therefore also the reference of the reported PSNR/SSIM.
+* (a) projection data (``inputs["sinogram"]``): :mod:`.measured`.
+* (b) a full-dose CT (``input_kind="full-dose-ct"``): each slice is the ground truth of a
+  simulated 360 degree fan-beam scan of ``views`` source positions with Poisson noise,
+  reconstructed with FBP, SIRT, CGLS, TV or the learned network (FBP, then the network); the
+  input is therefore also the reference of the reported PSNR/SSIM.
+* (c) a sparse-view FBP series (``input_kind="sparse-view-fbp"``): post-processed by the
+  learned network; no reference exists, so no PSNR is reported.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy.typing as npt
 import torch
 
 from models.errors import InputRejected
-from models.physics.lowdose import BODY_THRESHOLD_HU, estimate_body_mask, mu_to_hu
+from models.physics.lowdose import BODY_THRESHOLD_HU, estimate_body_mask, hu_to_mu, mu_to_hu
 from models.physics.projector import make_projector
 from models.pipelines.sparse_view_ct.acquisition import (
     build_geometry,
@@ -26,11 +30,14 @@ from models.pipelines.sparse_view_ct.acquisition import (
     pad_square,
     simulate,
 )
+from models.pipelines.sparse_view_ct.learned import MODELS_DIR, load_network, postprocess
+from models.pipelines.sparse_view_ct.measured import run_measured
 from models.pipelines.sparse_view_ct.metrics import HU_WINDOW, psnr_db, ssim_in_mask
-from models.pipelines.sparse_view_ct.params import SparseViewCTParams
+from models.pipelines.sparse_view_ct.params import LEARNED_WEIGHTS, SparseViewCTParams
 from models.pipelines.sparse_view_ct.reconstruct import reconstruct_slice, residuals
 from models.registry import provenance_for
 from models.result import Figure, ProgressCallback, Result
+from models.sinogram import Sinogram
 from models.transforms.figures import representative_slices
 from models.transforms.intensity import display_window
 from models.volume import Volume
@@ -84,15 +91,107 @@ def _quality(
     return out
 
 
+def _network(device: str) -> Any:
+    if LEARNED_WEIGHTS is None:  # params validation refuses 'learned' before this
+        raise InputRejected("method 'learned' has no shipped weights")
+    return load_network(MODELS_DIR / LEARNED_WEIGHTS, device)
+
+
 def run(
-    inputs: Mapping[str, Volume], params: SparseViewCTParams, progress: ProgressCallback
+    inputs: Mapping[str, Volume | Sinogram], params: SparseViewCTParams, progress: ProgressCallback
 ) -> Result:
-    """Simulate a sparse-view fan-beam scan of ``inputs["image"]`` and reconstruct it.
+    """Reconstruct a sparse-view scan from ``inputs`` (see the module docstring).
+
+    ``inputs["sinogram"]`` goes to :func:`.measured.run_measured`;
+    ``input_kind="sparse-view-fbp"`` to :func:`run_postprocess`; otherwise
+    :func:`run_simulated`.
+    """
+    device = _device(params.device)
+    if "sinogram" in inputs:
+        sinogram = inputs["sinogram"]
+        if not isinstance(sinogram, Sinogram):
+            raise InputRejected("inputs['sinogram'] must be a Sinogram")
+        return run_measured(sinogram, params, progress, device)
+    image = inputs.get("image")
+    if not isinstance(image, Volume):
+        raise InputRejected("sparse-view-ct needs an image volume or a sinogram bundle")
+    if params.input_kind == "sparse-view-fbp":
+        return run_postprocess(image, params, progress, device)
+    return run_simulated(image, params, progress, device)
+
+
+def run_postprocess(
+    image: Volume, params: SparseViewCTParams, progress: ProgressCallback, device: str
+) -> Result:
+    """Input (c): the learned network on an FBP series made from ``params.views`` views.
 
     Args:
-        inputs: ``{"image": Volume}``: CT, array ``(K, H, W)`` in HU, square pixels (mm).
+        image: CT, ``(K, H, W)`` HU, the sparse-view FBP slices.
+        params: ``method`` must be ``learned``; ``views`` conditions the network.
+        progress: ``callback(fraction, step)``.
+        device: ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        Result with ``volumes["reconstruction"]`` (HU, the input's grid, affine and frame of
+        reference), runtime and a input | result figure; no PSNR (there is no reference).
+
+    Raises:
+        InputRejected: A method other than ``learned``, non-CT input.
+    """
+    if params.method != "learned":
+        raise InputRejected(
+            f"input_kind 'sparse-view-fbp' is post-processed by method 'learned' only (fbp, "
+            f"sirt, cgls and tv need projection data), got {params.method!r}"
+        )
+    check_input(image)
+    started = time.perf_counter()
+    net = _network(device)
+    array = np.asarray(image.array, dtype=np.float32)
+    out = postprocess(array, params.views, net, progress=lambda f: progress(f, "learned"))
+    elapsed = time.perf_counter() - started
+    k, h, w = image.shape
+    measurements: dict[str, Any] = {
+        "input": "sparse-view FBP series",
+        "method": "learned",
+        "views": params.views,
+        "weights": LEARNED_WEIGHTS,
+        "units": "HU",
+        "runtime_seconds": elapsed,
+        "seconds_per_slice": elapsed / k,
+        "device": device,
+        "shape": [k, h, w],
+        "note": "no reference image: quality figures need a simulation (input_kind "
+        "full-dose-ct) or projection data",
+    }
+    window = display_window(array, "HU")
+    mid = representative_slices(k, count=1)[0]
+    grey = np.concatenate([window.to_uint8(array[mid]), window.to_uint8(out[mid])], axis=1)
+    figure = Figure(
+        "comparison",
+        np.repeat(grey[..., None], 3, axis=2),
+        f"Slice {mid}: input FBP ({params.views} views) | learned; window {window.name}.",
+    )
+    meta = {**image.meta, "derived_from": "sparse-view-ct"}
+    volume = image.with_array(out.astype(np.float32), meta=meta)
+    progress(1.0, "done")
+    return Result(
+        {"reconstruction": volume},
+        measurements,
+        [figure],
+        provenance_for("sparse-view-ct", params, image),
+    )
+
+
+def run_simulated(
+    image: Volume, params: SparseViewCTParams, progress: ProgressCallback, device: str
+) -> Result:
+    """Input (b): simulate a sparse-view fan-beam scan of ``image`` and reconstruct it.
+
+    Args:
+        image: CT, array ``(K, H, W)`` in HU, square pixels (mm).
         params: Validated parameters.
         progress: ``callback(fraction, step)``; may raise ``Cancelled``.
+        device: ``"cpu"`` or ``"cuda"``.
 
     Returns:
         Result with ``volumes["reconstruction"]`` (HU, float32, same grid, affine and frame of
@@ -105,12 +204,11 @@ def run(
         InputRejected: Non-CT input, NaN, tiny slices, non-square pixels or a geometry that
             cannot cover the slice, before any projection.
     """
-    image = inputs["image"]
     pixel_mm = check_input(image)
     reference = np.asarray(image.array, dtype=np.float32)
     padded, rows, cols = pad_square(reference)
     geometry = build_geometry(padded.shape[-1], pixel_mm, params)
-    device = _device(params.device)
+    net = _network(device) if params.method == "learned" else None
     started = time.perf_counter()
     progress(0.0, "simulating the scan")
     projector = make_projector(geometry, "torch", device)
@@ -132,6 +230,10 @@ def run(
             k = lo + i
             if params.method == "fbp":
                 result_mu[k], residual = fbp_mu[k], fbp_res[k]
+            elif net is not None:
+                corrected = postprocess(mu_to_hu(fbp_mu[k : k + 1]), params.views, net)
+                result_mu[k] = hu_to_mu(corrected)[0]
+                residual = residuals(result_mu[k : k + 1], sino[None], projector)[0]
             else:
 
                 def step(f: float, k: int = k) -> None:
@@ -145,6 +247,7 @@ def run(
     fbp_hu = mu_to_hu(fbp_mu)[:, rows, cols]
     k, h, w = image.shape
     measurements: dict[str, Any] = {
+        "input": "full-dose CT (simulated sparse-view scan)",
         "method": params.method,
         "views": params.views,
         "iterations": params.resolved_iterations(),
