@@ -100,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_list.set_defaults(func=_cmd_pipelines)
     p_run = sub.add_parser("run", help="run a pipeline on a DICOM folder/zip or NIfTI file")
     p_run.add_argument("pipeline")
-    p_run.add_argument("input", help="DICOM folder, zip or file; .nii/.nii.gz; .nrrd; .mha")
+    p_run.add_argument(
+        "input",
+        help="DICOM folder, zip or file; .nii/.nii.gz; .nrrd; .mha; or a sinogram bundle "
+        "(its voxelgate-sinogram/1 geometry JSON, or the folder holding it)",
+    )
     p_run.add_argument("output_dir")
     p_run.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE")
     p_run.add_argument("--series-uid", help="series to use when the input holds several")

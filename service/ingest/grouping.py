@@ -12,6 +12,8 @@
 * NIfTI: each file is one study with one series (kind ``"nifti"``), all three UIDs derived from
   the file's SHA-256; modality: the caller's value, else the voxelgate header extension, else
   ``"OT"``.
+* Sinogram bundles (:mod:`service.ingest.sinogram_bundle`): each is one study with one series
+  (kind ``"sinogram"``) of two files, the geometry JSON and its data; modality from the JSON.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 from models.errors import InputRejected
 from service.ingest.geometry import dicom_series_geometry
 from service.ingest.scan import ScannedFile, scan_file
+from service.ingest.sinogram_bundle import split_sinogram_bundles
 
 _MODALITY = re.compile(r"^[A-Z0-9_]{1,16}$")
 
@@ -36,7 +39,7 @@ class SeriesGroup:
     Attributes:
         series_uid: SeriesInstanceUID (possibly derived).
         uid_derived: Whether any UID of the series or its instances was derived.
-        kind: ``"dicom"`` or ``"nifti"``.
+        kind: ``"dicom"``, ``"nifti"`` or ``"sinogram"``.
         modality: Modality code.
         description: SeriesDescription (NIfTI: the file name).
         series_number: SeriesNumber or ``None``.
@@ -82,10 +85,11 @@ def scan_upload(files: Sequence[Path], tenant_id: str) -> list[ScannedFile]:
         InputRejected: The first file that is not acceptable (named by its upload name), or an
             upload without any file to store.
     """
-    scanned = [s for s in (scan_file(Path(f), tenant_id) for f in files) if s is not None]
-    if not scanned:
-        raise InputRejected("the upload holds no DICOM instance or NIfTI image")
-    return scanned
+    bundles, rest = split_sinogram_bundles([Path(f) for f in files])
+    scanned = [s for s in (scan_file(Path(f), tenant_id) for f in rest) if s is not None]
+    if not scanned and not bundles:
+        raise InputRejected("the upload holds no DICOM instance, NIfTI image or sinogram bundle")
+    return bundles + scanned
 
 
 def check_single_patient(scanned: Sequence[ScannedFile]) -> str:
@@ -166,9 +170,11 @@ def group_studies(scanned: Sequence[ScannedFile], nifti_modality: str = "") -> l
 
 
 def _series_geometry(series: SeriesGroup) -> dict[str, Any]:
-    """Geometry of a series: the NIfTI header's, or the DICOM slices' (first file per SOP UID)."""
+    """Geometry of a series: NIfTI header, sinogram JSON summary, or DICOM slices (first/UID)."""
     if series.kind == "nifti":
         return dict(series.files[0].nifti_geometry or {})
+    if series.kind == "sinogram":
+        return dict(series.files[0].sinogram_geometry or {})
     unique: dict[str, ScannedFile] = {}
     for item in series.files:
         unique.setdefault(item.sop_instance_uid, item)

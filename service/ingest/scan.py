@@ -50,9 +50,12 @@ NIFTI_HEAD_BYTES = 1024 * 1024
 
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-_ACCEPTED = "DICOM Part 10 files (optionally in a .zip) or NIfTI images (.nii, .nii.gz)"
+_ACCEPTED = (
+    "DICOM Part 10 files (optionally in a .zip), NIfTI images (.nii, .nii.gz), or sinogram "
+    "bundles (a voxelgate-sinogram/1 geometry JSON with its .npy/.tif/.nii data file)"
+)
 
-FileKind = Literal["dicom", "nifti"]
+FileKind = Literal["dicom", "nifti", "sinogram"]
 
 
 @dataclass
@@ -62,7 +65,7 @@ class ScannedFile:
     Attributes:
         path: The file in the staging area.
         label: Its upload name, for messages.
-        kind: ``"dicom"`` or ``"nifti"``.
+        kind: ``"dicom"``, ``"nifti"`` or ``"sinogram"`` (a file of a sinogram bundle).
         size: Bytes.
         sha256: Hex digest of the file content.
         sop_instance_uid: SOPInstanceUID; else MediaStorageSOPInstanceUID; else derived.
@@ -80,6 +83,10 @@ class ScannedFile:
         slice_thickness: A header holding SpacingBetweenSlices/SliceThickness (one-slice step).
         nifti_geometry: Geometry summary of a NIfTI file.
         nifti_gzip: Whether the NIfTI file is gzip-compressed.
+        sinogram_geometry: Sinogram bundles: the summary of the geometry JSON (both files of a
+            bundle carry it).
+        stored_suffix: Sinogram bundles: the suffix the stored file keeps (``.json``,
+            ``.npy``, ...).
     """
 
     path: Path
@@ -102,6 +109,8 @@ class ScannedFile:
     slice_thickness: Dataset | None = None
     nifti_geometry: dict[str, Any] | None = None
     nifti_gzip: bool = False
+    sinogram_geometry: dict[str, Any] | None = None
+    stored_suffix: str = ""
 
 
 def upload_label(path: Path) -> str:

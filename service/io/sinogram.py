@@ -36,7 +36,8 @@ DATA_SUFFIXES = (".npy", ".tif", ".tiff", ".nii", ".nii.gz")
 """Accepted data files."""
 
 
-def _is_bundle_json(path: Path) -> bool:
+def is_bundle_json(path: Path) -> bool:
+    """Whether ``path`` is a (small) JSON file whose ``format`` is the sinogram format."""
     if path.suffix.lower() != ".json" or not path.is_file():
         return False
     if path.stat().st_size > MAX_JSON_BYTES:
@@ -59,10 +60,10 @@ def find_bundle_json(path: Path) -> Path | None:
     """
     path = Path(path)
     if path.is_file():
-        return path if _is_bundle_json(path) else None
+        return path if is_bundle_json(path) else None
     if not path.is_dir():
         return None
-    found = sorted(p for p in path.glob("*.json") if _is_bundle_json(p))
+    found = sorted(p for p in path.glob("*.json") if is_bundle_json(p))
     if len(found) > 1:
         raise InputRejected(
             f"{len(found)} sinogram geometry JSON files in one folder "
@@ -128,6 +129,40 @@ def _values_of(path: Path) -> np.ndarray:
         raise InputRejected(f"{path.name}: cannot read the values ({exc})") from exc
 
 
+def check_data_file(data_path: Path, spec: SinogramSpec) -> tuple[int, ...]:
+    """Check a data file against the limits and its JSON from the header alone.
+
+    Returns:
+        The data's shape.
+
+    Raises:
+        InputRejected: Unsupported suffix, unreadable header, more than
+            :data:`~models.sinogram.MAX_SINOGRAM_VALUES` values, or a number of axes or
+            sizes other than the JSON's.
+    """
+    if not data_path.name.lower().endswith(DATA_SUFFIXES):
+        raise InputRejected(f"data {spec.data!r}: accepted files are {', '.join(DATA_SUFFIXES)}")
+    shape = _shape_of(data_path)
+    if int(np.prod(shape, dtype=np.int64)) > MAX_SINOGRAM_VALUES:
+        raise InputRejected(f"{spec.data}: {shape} exceeds {MAX_SINOGRAM_VALUES} values")
+    if len(shape) != len(spec.axes):
+        raise InputRejected(
+            f"{spec.data} has shape {shape} ({len(shape)} axes) but the JSON's axes are "
+            f"{list(spec.axes)}"
+        )
+    sizes = dict(zip(spec.axes, shape, strict=True))
+    if spec.views is not None and sizes["views"] != spec.views:
+        raise InputRejected(
+            f"the JSON says views={spec.views} but {spec.data} has {sizes['views']} views"
+        )
+    if spec.detectors is not None and sizes["detectors"] != spec.detectors:
+        raise InputRejected(
+            f"the JSON says detectors={spec.detectors} but {spec.data} has "
+            f"{sizes['detectors']} bins"
+        )
+    return shape
+
+
 def read_sinogram(path: Path) -> Sinogram:
     """Read a sinogram bundle (see the module docstring).
 
@@ -148,18 +183,9 @@ def read_sinogram(path: Path) -> Sinogram:
         raise InputRejected(f"{Path(path).name}: no {SINOGRAM_FORMAT} geometry JSON there")
     spec = read_spec(json_path)
     data_path = json_path.parent / spec.data
-    if not data_path.name.lower().endswith(DATA_SUFFIXES):
-        raise InputRejected(f"data {spec.data!r}: accepted files are {', '.join(DATA_SUFFIXES)}")
     if not data_path.is_file():
         raise InputRejected(f"data file {spec.data!r} named by {json_path.name} is missing")
-    shape = _shape_of(data_path)
-    if int(np.prod(shape, dtype=np.int64)) > MAX_SINOGRAM_VALUES:
-        raise InputRejected(f"{spec.data}: {shape} exceeds {MAX_SINOGRAM_VALUES} values")
-    if len(shape) != len(spec.axes):
-        raise InputRejected(
-            f"{spec.data} has shape {shape} ({len(shape)} axes) but the JSON's axes are "
-            f"{list(spec.axes)}"
-        )
+    check_data_file(data_path, spec)
     sinogram = normalise_projections(_values_of(data_path), spec)
     sinogram.meta["source_file"] = data_path.name
     return sinogram

@@ -29,10 +29,21 @@ def check_priority(priority: int) -> int:
     return priority
 
 
+def accepts(spec: PipelineSpec, series: Series) -> bool:
+    """Whether ``spec`` takes ``series``: its modality, or a sinogram bundle it reads."""
+    if series.kind == "sinogram":
+        return spec.sinogram_input is not None
+    return series.modality in spec.inputs[0].modalities
+
+
 def check_input(spec: PipelineSpec, series: Series) -> None:
-    """Refuse a series the pipeline cannot take (modality), before anything is queued."""
+    """Refuse a series the pipeline cannot take (modality, projection data), before queueing."""
     accepted = spec.inputs[0].modalities
-    if series.modality not in accepted:
+    if series.kind == "sinogram" and spec.sinogram_input is None:
+        raise InputRejected(
+            f"{spec.name} takes images; series {series.id} is a sinogram bundle (projection data)"
+        )
+    if not accepts(spec, series):
         raise InputRejected(
             f"{spec.name} accepts modalities {', '.join(accepted)}; series {series.id} is "
             f"{series.modality or 'of unknown modality'}"
@@ -46,7 +57,7 @@ def series_of_study(session: Session, tenant_id: str, study_id: str, spec: Pipel
     fits = [
         s
         for s in session.query(Series).filter(Series.study_id == study.id).order_by(Series.id)
-        if s.modality in accepted
+        if accepts(spec, s)
     ]
     if len(fits) != 1:
         listing = ", ".join(f"{s.id} ({s.modality})" for s in fits) or "none"

@@ -226,6 +226,8 @@ def _series_row(session: Session, study: Study, group: SeriesGroup) -> Series:
 
 
 def _suffix(item: ScannedFile) -> str:
+    if item.kind == "sinogram":
+        return item.stored_suffix
     if item.kind == "nifti":
         return ".nii.gz" if item.nifti_gzip else ".nii"
     return ".dcm"
@@ -416,7 +418,8 @@ def series_input_path(session: Session, blobs: BlobStore, series: Series) -> Pat
     """Where :func:`service.io.read_any.read_volume` reads a series from.
 
     Returns:
-        The folder of the series' DICOM files, or the NIfTI file itself. For a series with
+        The folder of the series' DICOM files (or of a sinogram bundle's JSON and data), or the
+        NIfTI file itself. For a series with
         ``uid_derived`` the DICOM files may carry an empty StudyInstanceUID: read them with
         ``allow_missing_study_uid=True``.
 

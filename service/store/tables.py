@@ -96,7 +96,7 @@ class Series(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     study_id: Mapped[str] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64))
-    kind: Mapped[str] = mapped_column(String(8))  # "dicom" | "nifti"
+    kind: Mapped[str] = mapped_column(String(8))  # "dicom" | "nifti" | "sinogram"
     modality: Mapped[str] = mapped_column(String(16), default="")
     description: Mapped[str] = mapped_column(String(64), default="")
     body_part: Mapped[str] = mapped_column(String(64), default="", server_default="")
