@@ -268,3 +268,12 @@ def test_fbp_series_refuses_other_methods() -> None:
         run(
             {"image": volume}, SparseViewCTParams(input_kind="sparse-view-fbp", method="tv"), _quiet
         )
+
+
+def test_the_bundled_example_bundle_reads() -> None:
+    """examples/sinogram (the sarepy scan with its JSON) is the README's sinogram example."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "sinogram"
+    sino = read_sinogram(example / "sarepy.json")
+    assert sino.data.shape == (1, 458, 503)
+    assert sino.geometry.image_size == 503
+    assert sino.meta["description"].startswith("sarepy")
