@@ -4,18 +4,36 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from models.physics.fbp_filters import FilterName
+
+MAX_SIMULATED_I0 = 1e12
+"""Largest incident photon count per bin and view accepted by ``simulate_i0``."""
 
 
 class ZeroShotDenoiseParams(BaseModel):
     """Validated parameters of the zero-shot denoiser.
 
-    ``slice_split`` fits a network that predicts each slice from its ``context_slices``
-    neighbours on either side; ``pair_split`` fits the ZS-N2N pair-downsampling CNN on each
-    slice with its neighbours as extra channels.
+    ``domain="image"`` denoises a reconstructed volume: ``slice_split`` fits a network that
+    predicts each slice from its ``context_slices`` neighbours on either side; ``pair_split``
+    fits the ZS-N2N pair-downsampling CNN on each slice with its neighbours as extra channels.
+    ``domain="sinogram"`` denoises 360 degree projection data by conjugate-ray flicking, then
+    reconstructs by FBP (``filter_name``); the optimiser settings (``max_iterations``,
+    ``min_iterations``, ``plateau_patience``, ``learning_rate``, ``features``, ``crop_size``,
+    ``batch_size``, ``seed``) apply to both domains, the ``flicking_*`` ones to the sinogram
+    domain only.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    domain: Literal["image", "sinogram"] = Field(
+        "image",
+        description="image: denoise a reconstructed CT/MR volume; sinogram: denoise 360 "
+        "degree projection data by conjugate-ray flicking, then FBP. The sinogram domain "
+        "needs a full 360 degree scan, given as a sinogram bundle (geometry JSON + data "
+        "file), or a CT volume with simulate_i0 set (a simulated scan of it)",
+    )
 
     context_slices: int = Field(
         1, ge=1, le=3, description="neighbouring slices on each side given to the networks"
@@ -59,3 +77,48 @@ class ZeroShotDenoiseParams(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto = CUDA when available, else CPU"
     )
+    flicking_copies: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="sinogram domain: flicked copies (random conjugate-swap masks) in the "
+        "training pool, each giving one Noise2Noise pair",
+    )
+    flicking_ensemble: int = Field(
+        4,
+        ge=1,
+        le=4096,
+        description="sinogram domain: copies denoised and averaged at the end (<= flicking_copies)",
+    )
+    filter_name: FilterName = Field(
+        "ram-lak", description="sinogram domain: FBP filter of both reconstructions"
+    )
+    simulate_i0: float | None = Field(
+        None,
+        gt=0.0,
+        le=MAX_SIMULATED_I0,
+        description="sinogram domain with a CT volume as input (research/QA): simulate a 360 "
+        "degree fan-beam scan of every slice with Poisson noise at this many incident photons "
+        "per detector bin and view (fixed seed), then denoise it; outputs are labelled "
+        "simulated and PSNR/SSIM against the input are reported",
+    )
+    simulate_views: int = Field(
+        720,
+        ge=16,
+        le=10000,
+        description="simulate_i0 only: source positions over 360 degrees",
+    )
+
+    @model_validator(mode="after")
+    def _check_domain(self) -> ZeroShotDenoiseParams:
+        if self.flicking_ensemble > self.flicking_copies:
+            raise ValueError(
+                f"flicking_ensemble ({self.flicking_ensemble}) must not exceed flicking_copies "
+                f"({self.flicking_copies})"
+            )
+        if self.simulate_i0 is not None and self.domain != "sinogram":
+            raise ValueError(
+                "simulate_i0 simulates projection data for domain='sinogram'; set "
+                "domain='sinogram' or leave simulate_i0 unset"
+            )
+        return self

@@ -5,6 +5,9 @@ fits one network per *volume* on random crops of random slices with one of two s
 ``splits``): the slice split (Noise2Noise across slices, immune to in-plane noise correlation,
 followed by ``restore``) or the ZS-N2N pair split; fitting stops when a fixed evaluation loss
 plateaus, and it runs on CUDA when present.
+
+``domain="sinogram"`` (module ``sinogram_mode``) instead denoises 360 degree projection data by
+conjugate-ray flicking and reconstructs it by FBP.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from models.pipelines.zeroshot_denoise.fit import (
 )
 from models.pipelines.zeroshot_denoise.params import ZeroShotDenoiseParams
 from models.pipelines.zeroshot_denoise.restore import restore_detail
+from models.pipelines.zeroshot_denoise.sinogram_mode import run_simulated, run_sinogram
 from models.pipelines.zeroshot_denoise.splits import (
     context_stack,
     neighbours,
@@ -39,6 +43,7 @@ from models.pipelines.zeroshot_denoise.splits import (
 )
 from models.registry import provenance_for
 from models.result import Figure, ProgressCallback, Result
+from models.sinogram import Sinogram
 from models.transforms.figures import before_after_grid, representative_slices
 from models.transforms.intensity import Normaliser, display_window
 from models.transforms.noise import estimate_noise_std
@@ -152,21 +157,57 @@ def denoise_volume(
 
 
 def run(
-    inputs: Mapping[str, Volume], params: ZeroShotDenoiseParams, progress: ProgressCallback
+    inputs: Mapping[str, Volume | Sinogram],
+    params: ZeroShotDenoiseParams,
+    progress: ProgressCallback,
 ) -> Result:
-    """Denoise ``inputs["image"]``.
+    """Denoise ``inputs["image"]`` (image domain) or projection data (sinogram domain).
 
     Args:
-        inputs: ``{"image": Volume}``; array ``(K, H, W)`` in HU for CT or MR units.
+        inputs: ``{"image": Volume}``, array ``(K, H, W)`` in HU for CT or MR units; or
+            ``{"sinogram": Sinogram}``, line integrals ``(S, n_views, n_det)`` of a 360 degree
+            scan (``domain="sinogram"`` only).
         params: Validated parameters.
         progress: ``callback(fraction, step)``; may raise ``Cancelled``.
 
     Returns:
-        Result with ``volumes["denoised"]`` on the input grid (same affine, float32, same
-        units), noise estimates before/after (image units, in the signal mask), runtime and a
-        before/after/difference figure.
+        Image domain: Result with ``volumes["denoised"]`` on the input grid (same affine,
+        float32, same units), noise estimates before/after (image units, in the signal mask),
+        runtime and a before/after/difference figure. Sinogram domain: ``volumes["denoised"]``
+        (FBP of the flicking-denoised data) and ``volumes["fbp"]`` (plain FBP), see
+        :func:`~models.pipelines.zeroshot_denoise.sinogram_mode.run_sinogram` and
+        :func:`~models.pipelines.zeroshot_denoise.sinogram_mode.run_simulated`.
+
+    Raises:
+        InputRejected: A sinogram with ``domain="image"``; a volume with ``domain="sinogram"``
+            but no ``simulate_i0``; and the checks of either domain, before any heavy work.
     """
+    if "sinogram" in inputs:
+        sinogram = inputs["sinogram"]
+        if not isinstance(sinogram, Sinogram):
+            raise InputRejected(f"inputs['sinogram'] must be a Sinogram, got {type(sinogram)}")
+        if params.domain != "sinogram":
+            raise InputRejected(
+                "projection data (a sinogram bundle) was given but domain='image' denoises "
+                "reconstructed volumes; set domain='sinogram' to denoise the sinogram by "
+                "conjugate-ray flicking (needs a 360 degree scan), or give a volume"
+            )
+        return run_sinogram(sinogram, params, progress)
+    if "image" not in inputs:
+        raise InputRejected(
+            f"zeroshot-denoise needs an 'image' or 'sinogram' input, got {list(inputs)}"
+        )
     image = inputs["image"]
+    if not isinstance(image, Volume):
+        raise InputRejected(f"inputs['image'] must be a Volume, got {type(image)}")
+    if params.domain == "sinogram":
+        if params.simulate_i0 is None:
+            raise InputRejected(
+                "domain='sinogram' denoises projection data, but the input is a reconstructed "
+                "volume: give a sinogram bundle (geometry JSON + data file, 360 degree scan) "
+                "or set simulate_i0 to simulate a low-dose scan of this CT volume"
+            )
+        return run_simulated(image, params, progress)
     k, h, w = image.shape
     if h < 8 or w < 8:
         raise InputRejected(f"image slices of {h}x{w} pixels are too small to denoise (min 8x8)")
