@@ -26,11 +26,14 @@ def add_train_commands(sub: Any) -> None:
     tsub = p_train.add_subparsers(dest="model", required=True)
     p = tsub.add_parser("sparse-view-ct", help="GloReDi-style sparse-view CT post-processing")
     p.add_argument("--out", required=True, help="output folder (checkpoint, weights, metrics)")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--crop", type=int, default=96)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument(
+        "--air-weight", type=float, default=0.1, help="L1 weight outside the body (inside: 1)"
+    )
     p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--validate-every", type=int, default=0)

@@ -124,6 +124,7 @@ def _config(args: argparse.Namespace) -> Any:
         crop=args.crop,
         lr=args.lr,
         lr_schedule=args.lr_schedule,
+        air_weight=args.air_weight,
         checkpoint_every=args.checkpoint_every,
         validate_every=args.validate_every,
         seed=args.seed,

@@ -211,6 +211,8 @@ class Batch:
         target_hu: ``(B, C, C)`` the real slices.
         views: Student view count of the batch.
         case_id: Patient the slices come from.
+        body: ``(B, C, C)`` body mask of the targets (computed on the whole slice, dilated by
+            2 pixels, then cropped): where the loss weighs fully.
     """
 
     student_hu: npt.NDArray[np.float32]
@@ -218,6 +220,7 @@ class Batch:
     target_hu: npt.NDArray[np.float32]
     views: int
     case_id: str
+    body: npt.NDArray[np.bool_]
 
 
 def make_batch(
@@ -252,12 +255,15 @@ def make_batch(
     c = min(crop, n)
     rows, cols = rng.integers(n - c + 1, size=batch_size), rng.integers(n - c + 1, size=batch_size)
 
-    def cut(images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    def cut(images: npt.NDArray[np.generic]) -> npt.NDArray[np.float32]:
         return np.stack(
             [im[r : r + c, q : q + c] for im, r, q in zip(images, rows, cols, strict=True)]
-        )
+        ).astype(np.float32)
 
-    return Batch(cut(student), cut(teacher), cut(slices), views, case.case_id)
+    body = ndimage.binary_dilation(
+        estimate_body_mask(slices), structure=np.ones((1, 5, 5), dtype=bool)
+    )
+    return Batch(cut(student), cut(teacher), cut(slices), views, case.case_id, cut(body) > 0.5)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from models.errors import InputRejected
 from models.networks.gloredi import (
@@ -60,6 +59,10 @@ class TrainConfig:
         weight_decay: AdamW weight decay.
         w_direction: Weight of the representation-direction loss.
         w_contrast: Weight of the band-pass contrastive loss.
+        air_weight: Weight of the pixels outside the (dilated) body in the L1 terms, relative
+            to 1 inside: air streaks are easy and, unweighted, dominate the loss while the
+            body (where quality is measured) barely improves (seen here: 2000 steps at weight
+            1 removed the air streaks and left the body PSNR unchanged).
         checkpoint_every: Steps between checkpoints (one is also written at the end).
         validate_every: Steps between validations (0: only at the end).
         seed: Seed of the initial weights and of every batch.
@@ -72,15 +75,16 @@ class TrainConfig:
         device: ``"cpu"`` or ``"cuda"``.
     """
 
-    steps: int = 2000
+    steps: int = 6000
     batch_size: int = 4
     crop: int = 96
-    lr: float = 3e-4
+    lr: float = 5e-4
     lr_schedule: str = "cosine"
     lr_floor: float = 0.05
     weight_decay: float = 1e-4
     w_direction: float = 0.1
     w_contrast: float = 0.02
+    air_weight: float = 0.1
     checkpoint_every: int = 100
     validate_every: int = 0
     seed: int = 0
@@ -96,6 +100,8 @@ class TrainConfig:
         """Validate the numeric fields."""
         if self.steps < 1 or self.batch_size < 1 or self.crop < 8 or self.checkpoint_every < 1:
             raise InputRejected("steps, batch_size, checkpoint_every must be >= 1 and crop >= 8")
+        if not 0 <= self.air_weight <= 1:
+            raise InputRejected(f"air_weight must be in [0, 1], got {self.air_weight}")
         if not 0 < self.lr < 1:
             raise InputRejected(f"lr must be in (0, 1), got {self.lr}")
         if self.lr_schedule not in ("cosine", "constant") or not 0 <= self.lr_floor <= 1:
@@ -149,12 +155,18 @@ def batch_loss(
     device = next(model.parameters()).device
     student_in, teacher_in = _tensor(batch.student_hu, device), _tensor(batch.teacher_hu, device)
     target = _tensor(batch.target_hu, device)
+    body = torch.from_numpy(np.ascontiguousarray(batch.body))[:, None].to(device)
+    weight = torch.where(body, 1.0, config.air_weight)
     views = torch.full((student_in.shape[0],), float(batch.views), device=device)
     student = model(student_in, views)
     teacher = model(teacher_in, views * config.teacher_factor)
     rep_t = teacher.representation.detach()
-    rec = F.l1_loss(student.image, target)
-    rec_t = F.l1_loss(teacher.image, target)
+
+    def weighted_l1(image: torch.Tensor) -> torch.Tensor:
+        return ((image - target).abs() * weight).sum() / weight.sum().clamp(min=1e-6)
+
+    rec = weighted_l1(student.image)
+    rec_t = weighted_l1(teacher.image)
     direction = direction_loss(student.representation, rep_t)
     contrast = band_contrastive_loss(student.representation, rep_t)
     total = rec + rec_t + config.w_direction * direction + config.w_contrast * contrast
