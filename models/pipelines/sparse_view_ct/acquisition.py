@@ -19,11 +19,9 @@ from models.physics.fan_geometry import FanBeamGeometry
 from models.physics.geometry import ParallelBeamGeometry
 from models.physics.lowdose import hu_to_mu, noisy_line_integrals
 from models.physics.projector import Projector
+from models.pipelines.ct_simulation import check_ct_volume
 from models.pipelines.sparse_view_ct.params import SparseViewCTParams
 from models.volume import Volume
-
-MIN_PIXELS = 16
-"""Smallest slice side (pixels) accepted."""
 
 CLINICAL_SOD_MM = 595.0
 """Source to isocentre of the clinical scanner (mm): the training simulation's."""
@@ -36,38 +34,8 @@ AIR_HU = -1000.0
 
 
 def check_input(volume: Volume) -> float:
-    """Refuse what the simulation cannot use, before any projection.
-
-    Args:
-        volume: The CT volume, array ``(K, H, W)`` in HU.
-
-    Returns:
-        The in-plane pixel size (mm).
-
-    Raises:
-        InputRejected: Not CT in HU, NaN/infinity, slices smaller than :data:`MIN_PIXELS`, or
-            pixels that are not square (the projector needs square pixels: resample first).
-    """
-    if volume.modality != "CT" or volume.units != "HU":
-        raise InputRejected(
-            f"sparse-view-ct simulates a scan of a CT volume in HU; the input is modality "
-            f"{volume.modality!r} with units {volume.units!r}"
-        )
-    _, h, w = volume.shape
-    if min(h, w) < MIN_PIXELS:
-        raise InputRejected(
-            f"slices of {h}x{w} pixels are too small to simulate a scan of "
-            f"(min {MIN_PIXELS}x{MIN_PIXELS})"
-        )
-    if not np.all(np.isfinite(volume.array)):
-        raise InputRejected("the CT volume contains NaN or infinite values")
-    _, row_mm, col_mm = volume.spacing
-    if not math.isclose(row_mm, col_mm, rel_tol=1e-3):
-        raise InputRejected(
-            f"pixels are {row_mm:.4g} x {col_mm:.4g} mm; the projector needs square pixels, "
-            f"resample the slices in-plane first"
-        )
-    return float(col_mm)
+    """Refuse what the simulation cannot use (``ct_simulation.check_ct_volume``); pixel mm."""
+    return check_ct_volume(volume, "sparse-view-ct simulates a scan of")
 
 
 def pad_square(slices_hu: npt.NDArray[np.floating]) -> tuple[npt.NDArray[np.float32], slice, slice]:

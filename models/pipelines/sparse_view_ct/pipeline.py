@@ -21,8 +21,9 @@ import numpy.typing as npt
 import torch
 
 from models.errors import InputRejected
-from models.physics.lowdose import BODY_THRESHOLD_HU, estimate_body_mask, hu_to_mu, mu_to_hu
+from models.physics.lowdose import hu_to_mu, mu_to_hu
 from models.physics.projector import make_projector
+from models.pipelines.ct_simulation import quality_against_input
 from models.pipelines.sparse_view_ct.acquisition import (
     build_geometry,
     check_input,
@@ -32,7 +33,6 @@ from models.pipelines.sparse_view_ct.acquisition import (
 )
 from models.pipelines.sparse_view_ct.learned import MODELS_DIR, load_network, postprocess
 from models.pipelines.sparse_view_ct.measured import run_measured
-from models.pipelines.sparse_view_ct.metrics import HU_WINDOW, psnr_db, ssim_in_mask
 from models.pipelines.sparse_view_ct.params import LEARNED_WEIGHTS, SparseViewCTParams
 from models.pipelines.sparse_view_ct.reconstruct import reconstruct_slice, residuals
 from models.registry import provenance_for
@@ -72,23 +72,6 @@ def _comparison_figure(
         f"Slice {k}: input (reference) | FBP from {views} views | {method} from {views} views; "
         f"window {window.name}; rows down, columns right as stored.",
     )
-
-
-def _quality(
-    reference: npt.NDArray[np.float32],
-    images: Mapping[str, npt.NDArray[np.float32]],
-) -> dict[str, Any]:
-    mask = estimate_body_mask(reference)
-    out: dict[str, Any] = {
-        "metric_reference": "the input volume (simulation mode: it is the ground truth)",
-        "metric_mask": f"body: largest region > {BODY_THRESHOLD_HU:g} HU per slice, holes filled",
-        "metric_window_hu": list(HU_WINDOW),
-        "body_fraction": float(mask.mean()),
-    }
-    for name, image in images.items():
-        out[f"{name}_psnr_db"] = psnr_db(image, reference, mask)
-        out[f"{name}_ssim"] = ssim_in_mask(image, reference, mask)
-    return out
 
 
 def _network(device: str) -> Any:
@@ -261,7 +244,7 @@ def run_simulated(
         "residual_mean": float(np.mean(result_res)),
         "fbp_residual_per_slice": [float(r) for r in fbp_res],
         "fbp_residual_mean": float(np.mean(fbp_res)),
-        **_quality(reference, {"result": out_hu, "fbp": fbp_hu}),
+        **quality_against_input(reference, {"result": out_hu, "fbp": fbp_hu}),
         "units": "HU",
         "runtime_seconds": elapsed,
         "seconds_per_slice": elapsed / k,

@@ -35,7 +35,6 @@ from models.physics.conjugate import ConjugateMap, conjugate_map, require_full_s
 from models.physics.fan_geometry import FanBeamGeometry
 from models.physics.iterative import data_residual
 from models.physics.lowdose import (
-    BODY_THRESHOLD_HU,
     DETECTOR_BINS_PER_PIXEL,
     MU_WATER_PER_MM,
     estimate_body_mask,
@@ -44,7 +43,8 @@ from models.physics.lowdose import (
     noisy_line_integrals,
 )
 from models.physics.projector import Projector, make_projector
-from models.pipelines.sparse_view_ct.metrics import HU_WINDOW, psnr_db, ssim_in_mask
+from models.pipelines.ct_simulation import check_ct_volume, quality_against_input
+from models.pipelines.sparse_view_ct.metrics import psnr_db
 from models.pipelines.zeroshot_denoise.params import ZeroShotDenoiseParams
 from models.pipelines.zeroshot_denoise.sinogram import (
     LOW_FREQUENCY_SIGMA,
@@ -57,9 +57,6 @@ from models.sinogram import Geometry, Sinogram
 from models.transforms.figures import representative_slices
 from models.transforms.intensity import Window, display_window
 from models.volume import Volume
-
-MIN_SIMULATED_PIXELS = 16
-"""Smallest slice side (pixels) of a volume whose scan is simulated."""
 
 AIR_HU = -1000.0
 """Padding (HU) that makes a slice square before its scan is simulated."""
@@ -246,26 +243,6 @@ def _comparison_figure(
     )
 
 
-def _quality(
-    reference_hu: npt.NDArray[np.float32], images: Mapping[str, npt.NDArray[np.float32]]
-) -> dict[str, Any]:
-    """PSNR/SSIM of each image against the input in its body mask (simulation mode)."""
-    mask = estimate_body_mask(reference_hu)
-    out: dict[str, Any] = {
-        "metric_reference": "the input volume (simulation mode: it is the ground truth)",
-        "metric_mask": f"body: largest region > {BODY_THRESHOLD_HU:g} HU per slice, holes filled",
-        "metric_window_hu": list(HU_WINDOW),
-        "body_fraction": float(mask.mean()),
-    }
-    for name, image in images.items():
-        for key, value in (
-            (f"{name}_psnr_db", psnr_db(image, reference_hu, mask)),
-            (f"{name}_ssim", ssim_in_mask(image, reference_hu, mask)),
-        ):
-            out[key] = value if math.isfinite(value) else None  # JSON has no inf/nan
-    return out
-
-
 def _noise_only(
     noise_free_hu: npt.NDArray[np.float32],
     reference_hu: npt.NDArray[np.float32],
@@ -366,34 +343,8 @@ def run_sinogram(
 
 
 def check_simulation_input(image: Volume) -> float:
-    """Refuse a volume whose scan cannot be simulated, before any projection.
-
-    Returns:
-        The in-plane pixel size (mm).
-
-    Raises:
-        InputRejected: Not CT in HU, NaN/infinity, slices under 16 x 16, non-square pixels.
-    """
-    if image.modality != "CT" or image.units != "HU":
-        raise InputRejected(
-            f"simulate_i0 simulates a CT scan of a CT volume in HU; the input is modality "
-            f"{image.modality!r} with units {image.units!r}"
-        )
-    _, h, w = image.shape
-    if min(h, w) < MIN_SIMULATED_PIXELS:
-        raise InputRejected(
-            f"slices of {h}x{w} pixels are too small to simulate a scan of "
-            f"(min {MIN_SIMULATED_PIXELS}x{MIN_SIMULATED_PIXELS})"
-        )
-    if not np.all(np.isfinite(image.array)):
-        raise InputRejected("the CT volume contains NaN or infinite values")
-    _, row_mm, col_mm = image.spacing
-    if not math.isclose(row_mm, col_mm, rel_tol=1e-3):
-        raise InputRejected(
-            f"pixels are {row_mm:.4g} x {col_mm:.4g} mm; the projector needs square pixels, "
-            "resample the slices in-plane first"
-        )
-    return float(col_mm)
+    """Refuse a volume that cannot be simulated (``ct_simulation.check_ct_volume``); pixel mm."""
+    return check_ct_volume(image, "simulate_i0 simulates a CT scan of")
 
 
 def simulation_geometry(n: int, pixel_mm: float, views: int) -> FanBeamGeometry:
@@ -500,7 +451,7 @@ def run_simulated(
         },
         "geometry": geometry_facts(sinogram.geometry),
         **rec.facts,
-        **_quality(reference, images),
+        **quality_against_input(reference, images),
         "noise_only": _noise_only(noise_free[:, rows, cols], reference, images),
         "units": "HU",
         "runtime_seconds": elapsed,
