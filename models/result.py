@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from models.labels import LabelMap
 from models.volume import Volume
 
 ProgressCallback = Callable[[float, str], None]
@@ -67,9 +68,12 @@ class Result:
         measurements: JSON-compatible figures (noise estimates, runtimes...).
         figures: Pictures for the report.
         provenance: How the result was made.
+        label_maps: Output label maps by name (e.g. ``"organs"``), each on the grid of the image
+            it labels; empty for pipelines that segment nothing.
     """
 
     volumes: dict[str, Volume]
     measurements: dict[str, Any]
     figures: list[Figure]
     provenance: Provenance
+    label_maps: dict[str, LabelMap] = field(default_factory=dict)
