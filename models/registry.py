@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ValidationError
 
 from models.errors import InvalidParameters, UnknownPipeline
+from models.pipelines.segment.params import SegmentParams
 from models.pipelines.sparse_view_ct.params import SparseViewCTParams
 from models.pipelines.zeroshot_denoise.params import ZeroShotDenoiseParams
 from models.provenance import code_version, file_sha256
@@ -142,6 +143,22 @@ _SPECS: tuple[PipelineSpec, ...] = (
         time_limit_s=3600,
         sinogram_input="a sinogram bundle (geometry JSON + npy/TIFF/NIfTI): parallel or fan "
         "beam, counts, transmission or line integrals",
+    ),
+    PipelineSpec(
+        name="segment",
+        version="0.1.0",
+        summary=(
+            "3D segmentation with an installed model (3D U-Net or UNet++, chosen by its card): "
+            "canonical orientation, card spacing, Gaussian sliding window, labels returned "
+            "nearest-neighbour onto the input grid; no model is shipped yet."
+        ),
+        inputs=(InputSpec("image", ("CT", "MR", "OT"), "a CT (HU) or MR volume, any orientation"),),
+        outputs=("segmentation",),
+        queue="gpu",
+        params_model=SegmentParams,
+        factory="models.pipelines.segment.pipeline:run",
+        model_card="segment.md",
+        time_limit_s=3600,
     ),
 )
 

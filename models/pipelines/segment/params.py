@@ -1,0 +1,72 @@
+"""Parameters of ``segment`` (torch-free, used by the registry)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from models.errors import InputRejected
+from models.pipelines.segment.card import MODELS_ROOT, load_card, resolve_model
+
+
+def models_root(info: ValidationInfo | None = None) -> Path:
+    """The models root: ``context={"models_root": path}`` of the validation, else the default.
+
+    Tests and tools point validation at another folder with
+    ``SegmentParams.model_validate(raw, context={"models_root": folder})``; the service always
+    uses :data:`~models.pipelines.segment.card.MODELS_ROOT`.
+    """
+    context = info.context if info is not None else None
+    if isinstance(context, dict) and context.get("models_root") is not None:
+        return Path(context["models_root"])
+    return MODELS_ROOT
+
+
+class SegmentParams(BaseModel):
+    """Validated parameters of the ``segment`` pipeline.
+
+    ``model`` names an installed model (``models/weights/segment/<model>/card.json``); its card
+    fixes the network, orientation, spacing, intensity handling, window and labels. Left unset,
+    the only installed model is used; the run is refused when none or several are installed
+    (none are shipped yet). A named model that is not installed is refused here, listing the
+    installed ones.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(
+        None,
+        description="installed segmentation model (folder name under models/weights/segment); "
+        "unset: the only installed model",
+    )
+    overlap: float = Field(
+        0.5, ge=0.0, lt=1.0, description="sliding-window overlap fraction between windows"
+    )
+    sw_batch: int = Field(2, ge=1, le=64, description="windows per network call")
+    bf16: bool = Field(
+        False, description="bfloat16 autocast (CPU or CUDA); faster, may change borders"
+    )
+    largest_component: bool = Field(
+        False, description="keep only the largest connected component of every label"
+    )
+    fill_holes: bool = Field(
+        False, description="fill background holes enclosed by a label (3D, per label)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto = CUDA when available, else CPU"
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _installed(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        root = models_root(info)
+        try:
+            name = resolve_model(value, root)
+            load_card(root / name, verify_sha256=False)
+        except InputRejected as exc:
+            raise ValueError(str(exc)) from None
+        return name

@@ -1,0 +1,173 @@
+"""``segment``: one CT/MR volume in, a label map on exactly the input grid out.
+
+Steps (each named in the progress reports): load the model (card + weights, sha256 checked);
+reorient the source to the card's canonical frame (axis permutation/flips only); resample the
+image to the card's spacing (trilinear); intensity per card; sliding-window inference with
+Gaussian blending; argmax on the network grid; labels back to the canonical grid by nearest
+neighbour on the same geometry, then un-permuted onto the source grid (the input's shape and
+affine); optional largest-component and hole-filling postprocessing on the source grid.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.errors import InputRejected
+from models.labels import LabelMap
+from models.pipelines.segment.card import MODELS_ROOT, ModelCard, resolve_model
+from models.pipelines.segment.geometry import (
+    grid_affine,
+    nearest_back,
+    network_shape,
+    reorientation,
+)
+from models.pipelines.segment.inference import (
+    check_extent,
+    fill_holes,
+    largest_component,
+    normalise,
+    predict_labels,
+    resample_image,
+)
+from models.pipelines.segment.networks import FinalOutput, load_network
+from models.pipelines.segment.params import SegmentParams
+from models.registry import provenance_for
+from models.result import ProgressCallback, Result
+from models.sinogram import Sinogram
+from models.volume import Volume
+
+OUTPUT = "segmentation"
+"""Name of the output label map in the Result."""
+
+
+def _device(choice: str) -> str:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise InputRejected("device='cuda' requested but no CUDA device is available")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def segment_volume(
+    image: Volume,
+    card: ModelCard,
+    network: FinalOutput,
+    params: SegmentParams,
+    progress: ProgressCallback,
+) -> tuple[LabelMap, dict[str, object]]:
+    """Segment one volume with a loaded model.
+
+    Args:
+        image: Source volume, ``array[k, j, i]``, affine ``(k, j, i, 1)`` -> LPS mm; CT in HU.
+        card: The model's card (canonical frame, spacing, intensity, window, labels).
+        network: The loaded network on its device.
+        params: Overlap, sw_batch, bf16 and postprocessing flags.
+        progress: Progress callback.
+
+    Returns:
+        ``(label_map, facts)``: the label map on exactly ``image``'s grid (shape, affine, frame
+        of reference) with the card's labels, and JSON-compatible facts about the grids.
+    """
+    device = next(network.parameters(), torch.zeros(())).device.type
+    reo = reorientation(image.affine, card.orientation)
+    canonical = reo.apply(image.array)
+    canon_affine = reo.affine(image.affine, image.shape)
+    canon_spacing = tuple(float(s) for s in np.linalg.norm(canon_affine[:3, :3], axis=0))
+    net_shape = network_shape(canonical.shape, canon_spacing, card.spacing_mm)
+    padded = check_extent(net_shape, card.patch_size)
+    progress(0.1, "preprocess")
+    x = resample_image(normalise(canonical, card.intensity), net_shape, device)
+    progress(0.2, "inference")
+    classes = predict_labels(
+        x,
+        network,
+        card.patch_size,
+        overlap=params.overlap,
+        sw_batch=params.sw_batch,
+        bf16=params.bf16,
+    )
+    progress(0.85, "invert")
+    dtype = np.uint8 if card.n_classes <= 256 else np.uint16
+    labels = reo.invert(nearest_back(classes.astype(dtype), canonical.shape))
+    if params.largest_component:
+        labels = largest_component(labels)
+    if params.fill_holes:
+        labels = fill_holes(labels)
+    label_map = LabelMap.on_grid(image, labels, card.label_infos())
+    net_affine = grid_affine(canon_affine, canonical.shape, net_shape)
+    facts: dict[str, object] = {
+        "canonical_orientation": card.orientation,
+        "source_axes_to_canonical": {"perm": list(reo.perm), "flip": list(reo.flip)},
+        "network_grid_shape": list(net_shape),
+        "network_grid_spacing_mm": [float(s) for s in np.linalg.norm(net_affine[:3, :3], axis=0)],
+        "padded_to_window": padded,
+    }
+    return label_map, facts
+
+
+def run(
+    inputs: Mapping[str, Volume | Sinogram],
+    params: SegmentParams,
+    progress: ProgressCallback,
+    *,
+    models_root: Path | None = None,
+) -> Result:
+    """Segment ``inputs["image"]`` with the installed model ``params.model``.
+
+    Args:
+        inputs: ``{"image": Volume}`` (CT in HU or MR; any orientation, spacing, obliquity).
+        params: Validated parameters.
+        progress: Progress callback (may raise ``Cancelled``).
+        models_root: Folder of installed models; default ``models/weights/segment`` (tests and
+            tools pass their own folder here).
+
+    Returns:
+        A Result with the label map ``segmentation`` on the input grid, per-label volumes (mL)
+        and voxel counts, timings, and provenance stamped with the model's weights sha256.
+
+    Raises:
+        InputRejected: No image, wrong modality, no or unknown model, a bad card, a volume too
+            small for the window.
+    """
+    image = inputs.get("image")
+    if not isinstance(image, Volume):
+        raise InputRejected("segment needs an image volume under inputs['image']")
+    root = MODELS_ROOT if models_root is None else models_root
+    t0 = time.perf_counter()
+    progress(0.0, "load model")
+    card, network = load_network(root / resolve_model(params.model, root), _device(params.device))
+    if image.modality not in (card.modality, "OT"):
+        raise InputRejected(
+            f"model {card.name} segments {card.modality} images, the input is {image.modality}"
+        )
+    label_map, facts = segment_volume(image, card, network, params, progress)
+    runtime = time.perf_counter() - t0
+    volumes = {
+        name: {"value": v.value, "voxel_count": v.voxel_count, "volume_ml": round(v.volume_ml, 4)}
+        for name, v in label_map.volumes_ml().items()
+    }
+    provenance = provenance_for("segment", params, image)
+    provenance = replace(
+        provenance,
+        weights_sha256=card.weights.sha256,
+        parameters={**provenance.parameters, "model": card.name, "model_version": card.version},
+    )
+    progress(1.0, "done")
+    return Result(
+        volumes={},
+        measurements={
+            "model": {"name": card.name, "version": card.version},
+            "labels": volumes,
+            "geometry": facts,
+            "runtime_s": round(runtime, 3),
+        },
+        figures=[],
+        provenance=provenance,
+        label_maps={OUTPUT: label_map},
+    )
