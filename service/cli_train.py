@@ -20,8 +20,42 @@ def cmd_train_sparse_view(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_train_segment(args: argparse.Namespace) -> int:
+    """Train (or resume) a segmentation network and write an installable model folder."""
+    from workers.train_segment import run
+
+    return run(args)
+
+
+def _add_segment(tsub: Any) -> None:
+    p = tsub.add_parser("segment", help="3D U-Net / UNet++ segmentation on MSD-layout data")
+    p.add_argument("--data", required=True, help="MSD folder (dataset.json) or a dataset JSON")
+    p.add_argument("--out", required=True, help="output folder (checkpoint, metrics, model)")
+    p.add_argument("--arch", default="unet3d", choices=["unet3d", "unetpp"])
+    p.add_argument("--net-args", default="", help="network arguments as JSON (card args)")
+    p.add_argument("--name", default="segment-model", help="model folder / card name")
+    p.add_argument("--version", default="0.1.0")
+    p.add_argument("--modality", default="CT")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--patch", type=int, nargs=3, default=[96, 96, 96], metavar="N")
+    p.add_argument(
+        "--spacing", type=float, nargs=3, default=None, metavar="MM", help="default: median"
+    )
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--elastic", type=float, default=0.2, help="elastic deformation probability")
+    p.add_argument("--val-cases", type=int, default=1, help="last K cases held out")
+    p.add_argument("--validate-every", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_train_segment)
+
+
 def add_train_commands(sub: Any) -> None:
-    """Register ``train sparse-view-ct`` on the top-level subparsers."""
+    """Register ``train sparse-view-ct`` and ``train segment`` on the top-level subparsers."""
     p_train = sub.add_parser("train", help="train a learned pipeline's network")
     tsub = p_train.add_subparsers(dest="model", required=True)
     p = tsub.add_parser("sparse-view-ct", help="GloReDi-style sparse-view CT post-processing")
@@ -51,3 +85,4 @@ def add_train_commands(sub: Any) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_train_sparse_view)
+    _add_segment(tsub)
