@@ -29,6 +29,7 @@ from models.training.segment_data import IGNORE, AugmentConfig, SegCase, sparse_
 from models.training.segment_train import SegTrainConfig, masked_dice_ce, predict, train
 from models.volume import Volume
 from service.cli_train import add_train_commands
+from service.errors import InvalidParameters
 from workers.train_segment import run as run_worker
 
 NET_ARGS = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}
@@ -149,7 +150,6 @@ def test_written_model_segments_a_new_volume_in_the_pipeline(
 def test_worker_refuses_resume_without_checkpoint_and_overwrite(
     trained: dict[str, Any], tmp_path: Path
 ) -> None:
-    from service.errors import InvalidParameters
 
     data = trained["out"].parent / "msd"
     with pytest.raises(InvalidParameters, match=r"checkpoint\.pt exists"):
@@ -180,8 +180,13 @@ def test_worker_resume_continues_from_the_checkpoint(
     assert metrics["steps_total"] == 6
     assert metrics["resumed_from_step"] == 4
     assert len(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["history"]) == 6
-    with pytest.raises(Exception, match="arch"):
-        run_worker(_args(*common, "--steps", "8", "--resume", "--arch", "unetpp"))
+    args = _args(*common, "--steps", "8", "--resume", "--arch", "unetpp")
+    args.patch, args.net_args = [32, 32, 32], json.dumps({"features": [4, 4, 8, 8, 16, 4]})
+    with pytest.raises(InvalidParameters, match="arch"):
+        run_worker(args)
+    other = ("--data", str(data), "--out", str(tmp_path / "pp"), "--patch", "16", "16", "16")
+    with pytest.raises(InvalidParameters, match="unetpp needs patch sides"):
+        run_worker(_args(*other, "--arch", "unetpp", "-q"))
 
 
 def _cases(n: int, seed: int, every: int = 0) -> list[SegCase]:
