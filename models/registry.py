@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from models.errors import InvalidParameters, UnknownPipeline
 from models.pipelines.segment.params import SegmentParams
-from models.pipelines.sparse_view_ct.params import SparseViewCTParams
+from models.pipelines.sparse_view_ct.params import LEARNED_WEIGHTS, SparseViewCTParams
 from models.pipelines.zeroshot_denoise.params import ZeroShotDenoiseParams
 from models.provenance import code_version, file_sha256
 from models.result import ProgressCallback, Provenance, Result
@@ -122,10 +122,11 @@ _SPECS: tuple[PipelineSpec, ...] = (
     ),
     PipelineSpec(
         name="sparse-view-ct",
-        version="0.1.0",
+        version="0.3.0",
         summary=(
-            "Simulated fan-beam sparse-view scan of a CT volume (Poisson noise, fixed seed), "
-            "reconstructed with FBP, SIRT, CGLS or TV; PSNR/SSIM against the input."
+            "Sparse-view CT from a sinogram bundle, a simulated fan-beam scan of a CT volume or "
+            "a sparse-view FBP series: FBP, SIRT, CGLS, TV or the learned GloReDi-style "
+            "network; data residual, PSNR/SSIM against the reference."
         ),
         inputs=(
             InputSpec(
@@ -140,6 +141,7 @@ _SPECS: tuple[PipelineSpec, ...] = (
         params_model=SparseViewCTParams,
         factory="models.pipelines.sparse_view_ct.pipeline:run",
         model_card="sparse_view_ct.md",
+        weights=LEARNED_WEIGHTS,
         time_limit_s=3600,
         sinogram_input="a sinogram bundle (geometry JSON + npy/TIFF/NIfTI): parallel or fan "
         "beam, counts, transmission or line integrals",

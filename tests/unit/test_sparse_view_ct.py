@@ -133,9 +133,10 @@ def test_absurd_view_counts_are_refused(views):
         validate_params(get_spec("sparse-view-ct"), {"views": views})
 
 
-def test_learned_is_refused_until_weights_exist():
-    with pytest.raises(InvalidParameters, match="needs trained sparse-view-ct weights"):
-        validate_params(get_spec("sparse-view-ct"), {"method": "learned"})
+def test_learned_is_accepted_with_shipped_weights_but_tv_stays_default():
+    spec = get_spec("sparse-view-ct")
+    assert validate_params(spec, {"method": "learned"}).method == "learned"
+    assert validate_params(spec, {}).method == "tv"  # learned is 2.2 dB below TV at 18 views
 
 
 def test_unknown_parameter_gets_a_hint():
