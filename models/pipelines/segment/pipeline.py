@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.devices import resolve_device
 from models.errors import InputRejected
 from models.labels import LabelMap
 from models.pipelines.segment.card import MODELS_ROOT, ModelCard, resolve_model
@@ -44,14 +45,6 @@ from models.volume import Volume
 
 OUTPUT = "segmentation"
 """Name of the output label map in the Result."""
-
-
-def _device(choice: str) -> str:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise InputRejected("device='cuda' requested but no CUDA device is available")
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return choice
 
 
 def segment_volume(
@@ -141,7 +134,9 @@ def run(
     root = MODELS_ROOT if models_root is None else models_root
     t0 = time.perf_counter()
     progress(0.0, "load model")
-    card, network = load_network(root / resolve_model(params.model, root), _device(params.device))
+    card, network = load_network(
+        root / resolve_model(params.model, root), resolve_device(params.device)
+    )
     if image.modality not in (card.modality, "OT"):
         raise InputRejected(
             f"model {card.name} segments {card.modality} images, the input is {image.modality}"

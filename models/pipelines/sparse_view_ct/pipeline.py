@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
+from models.devices import resolve_device
 from models.errors import InputRejected
 from models.physics.lowdose import hu_to_mu, mu_to_hu
 from models.physics.projector import make_projector
@@ -44,14 +44,6 @@ from models.volume import Volume
 
 _CHUNK = 8
 """Slices simulated and reconstructed together (bounds the memory of the sinograms)."""
-
-
-def _device(choice: str) -> str:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise InputRejected("device='cuda' requested but no CUDA device is available")
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return choice
 
 
 def _comparison_figure(
@@ -89,7 +81,7 @@ def run(
     ``input_kind="sparse-view-fbp"`` to :func:`run_postprocess`; otherwise
     :func:`run_simulated`.
     """
-    device = _device(params.device)
+    device = resolve_device(params.device)
     if "sinogram" in inputs:
         sinogram = inputs["sinogram"]
         if not isinstance(sinogram, Sinogram):

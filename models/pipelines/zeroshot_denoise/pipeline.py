@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from models.devices import resolve_device
 from models.errors import InputRejected
 from models.networks.dilated import SmoothedResidualNet
 from models.networks.zsn2n import ZSN2NNet
@@ -51,12 +52,8 @@ from models.volume import Volume
 
 
 def select_device(choice: str) -> torch.device:
-    """Resolve ``"auto" | "cpu" | "cuda"`` to a device; refuse CUDA when absent."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise InputRejected("device='cuda' requested but no CUDA device is available")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
+    """Resolve ``"auto" | "cpu" | "cuda"`` to a device (:func:`models.devices.resolve_device`)."""
+    return torch.device(resolve_device(choice))
 
 
 def _signal_mask(array: npt.NDArray[np.float32], units: str) -> npt.NDArray[np.bool_]:

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
+from models.devices import resolve_device
 from models.errors import InputRejected
 from models.physics.conjugate import ConjugateMap, conjugate_map, require_full_scan
 from models.physics.fan_geometry import FanBeamGeometry
@@ -84,14 +84,6 @@ def flicking_config(params: ZeroShotDenoiseParams) -> FlickingConfig:
         ensemble=params.flicking_ensemble,
         seed=params.seed,
     )
-
-
-def _device(choice: str) -> str:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise InputRejected("device='cuda' requested but no CUDA device is available")
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return choice
 
 
 def geometry_facts(geometry: Geometry) -> dict[str, Any]:
@@ -167,7 +159,7 @@ def reconstruct(
         The two reconstructions (1/mm, ``(S, N, N)``) and the fitting facts.
     """
     cfg = flicking_config(params)
-    device = _device(params.device)
+    device = resolve_device(params.device)
     n = sinogram.n_slices
     size = sinogram.geometry.image_size
     fbp_mu = np.empty((n, size, size), dtype=np.float32)
@@ -298,7 +290,7 @@ def run_sinogram(
     cmap = check_sinogram(sinogram)
     started = time.perf_counter()
     progress(0.0, "flicking")
-    projector = make_projector(sinogram.geometry, "torch", _device(params.device))
+    projector = make_projector(sinogram.geometry, "torch", resolve_device(params.device))
     rec = reconstruct(sinogram, cmap, params, projector, progress)
     ct = sinogram.modality == "CT"
     units = "HU" if ct else "1/mm"
@@ -385,7 +377,7 @@ def simulate_scan(
     padded = np.full((k, n, n), AIR_HU, dtype=np.float32)
     padded[:, rows, cols] = image.array
     geometry = simulation_geometry(n, pixel_mm, params.simulate_views)
-    projector = make_projector(geometry, "torch", _device(params.device))
+    projector = make_projector(geometry, "torch", resolve_device(params.device))
     rng = np.random.default_rng(params.seed)
     data = np.empty((k, *geometry.sinogram_shape), dtype=np.float32)
     noise_free = np.empty((k, n, n), dtype=np.float32)
