@@ -22,9 +22,7 @@ metrics was measured by this run.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from service.errors import InvalidParameters
+from workers.training_files import atomic_json, atomic_torch_save, checkpoint_path, save_weights
 
-CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.pt"
 ORIENTATION = "RAS"
 DEFAULT_NET_ARGS: dict[str, dict[str, Any]] = {
@@ -143,20 +141,6 @@ def _prepare(raw: dict[str, Any], spacing: tuple[float, float, float], intensity
     return SegCase(raw["case_id"], image, _nearest(raw["label"], shape), raw["present"])
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    import torch
-
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def _config(args: argparse.Namespace, n_labels: int) -> Any:
     from models.training.segment_data import AugmentConfig
     from models.training.segment_train import SegTrainConfig
@@ -222,12 +206,7 @@ def run(args: argparse.Namespace) -> int:
     from models.training.segment_train import train
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint = out / CHECKPOINT
-    if args.resume and not checkpoint.exists():
-        raise InvalidParameters(f"--resume: no {checkpoint}")
-    if not args.resume and checkpoint.exists():
-        raise InvalidParameters(f"{checkpoint} exists: pass --resume or use another --out")
+    checkpoint = checkpoint_path(out, args.resume)
     root, meta = _read_dataset(Path(args.data))
     labels = _labels(meta)
     spacing = tuple(args.spacing) if args.spacing else None
@@ -257,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
                 train_cases,
                 val_cases,
                 resume_state=resume,
-                save_checkpoint=lambda state: _atomic_torch_save(state, checkpoint),
+                save_checkpoint=lambda state: atomic_torch_save(state, checkpoint),
                 progress=progress,
             )
     except InputRejected as exc:
@@ -265,9 +244,7 @@ def run(args: argparse.Namespace) -> int:
     folder = out / args.name
     folder.mkdir(exist_ok=True)
     weights = folder / WEIGHTS
-    _atomic_torch_save({k: v.cpu() for k, v in outcome.model.state_dict().items()}, weights)
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    (folder / (WEIGHTS + ".sha256")).write_text(f"{digest}  {WEIGHTS}\n")
+    digest = save_weights({k: v.cpu() for k, v in outcome.model.state_dict().items()}, weights)
     card = _card(
         args,
         config,
@@ -281,13 +258,13 @@ def run(args: argparse.Namespace) -> int:
         validation=outcome.metrics["validation"],
         best_step=outcome.metrics["best_step"],
     )
-    _atomic_json(card, folder / "card.json")
+    atomic_json(card, folder / "card.json")
     try:
         read_card(folder)
     except ModelCardInvalid as exc:
         raise InvalidParameters(f"written card is invalid: {exc}") from exc
     metrics = {"card": card, "config": outcome.state["config"], **outcome.metrics}
-    _atomic_json(metrics, out / "metrics.json")
+    atomic_json(metrics, out / "metrics.json")
     summary = {"model": str(folder), "validation": outcome.metrics["validation"], "sha256": digest}
     print(json.dumps(summary, indent=2))
     return 0
