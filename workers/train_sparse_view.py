@@ -15,16 +15,14 @@ between the CLI's arguments (:mod:`service.cli_train`, torch-free) and
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from service.errors import InvalidParameters
+from workers.training_files import atomic_json, atomic_torch_save, checkpoint_path, save_weights
 
-CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "gloredi_sparse_view_fp16.pt"
 DATA_ARGS = ("image_size", "slice_stride", "train_cases", "val_cases", "val_slices", "no_extra")
 """Data options a resumed run must repeat (they decide which slices it trains and validates on)."""
@@ -107,14 +105,6 @@ def _data(args: argparse.Namespace) -> tuple[list[Any], list[Any], dict[str, Any
     return train, val, summary
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    import torch
-
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _config(args: argparse.Namespace) -> Any:
     from models.training.sparse_view_train import TrainConfig
 
@@ -146,15 +136,10 @@ def run(args: argparse.Namespace) -> int:
         SparseViewSimulator,
         make_validation_set,
     )
-    from models.training.sparse_view_train import fp16_state_dict, train
+    from models.training.sparse_view_train import compact_checkpoint, fp16_state_dict, train
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint = out / CHECKPOINT
-    if args.resume and not checkpoint.exists():
-        raise InvalidParameters(f"--resume: no {checkpoint}")
-    if not args.resume and checkpoint.exists():
-        raise InvalidParameters(f"{checkpoint} exists: pass --resume or use another --out")
+    checkpoint = checkpoint_path(out, args.resume)
     data_args = {k: getattr(args, k) for k in DATA_ARGS}
     try:
         config = _config(args)
@@ -182,17 +167,15 @@ def run(args: argparse.Namespace) -> int:
                 train_cases,
                 val,
                 resume_state=resume,
-                save_checkpoint=lambda state: _atomic_torch_save(
-                    {**state, "data_args": data_args}, checkpoint
+                save_checkpoint=lambda state: atomic_torch_save(
+                    {**compact_checkpoint(state), "data_args": data_args}, checkpoint
                 ),
                 progress=progress,
             )
     except InputRejected as exc:
         raise InvalidParameters(str(exc)) from exc
     weights = out / WEIGHTS
-    _atomic_torch_save(fp16_state_dict(outcome.model), weights)
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    (out / (WEIGHTS + ".sha256")).write_text(f"{digest}  {WEIGHTS}\n")
+    digest = save_weights(fp16_state_dict(outcome.model), weights)
     metrics = {
         "model": "GloReDiNet (GloReDi-inspired; not the paper's weights or exact recipe)",
         "weights": WEIGHTS,
@@ -204,9 +187,7 @@ def run(args: argparse.Namespace) -> int:
         "slice (simulated inputs)",
         **outcome.metrics,
     }
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    atomic_json(metrics, out / "metrics.json")
     print(
         json.dumps(
             {
