@@ -19,7 +19,7 @@ from models.registry import all_specs, get_spec
 from service.cli_dicom import add_dicom_commands
 from service.cli_pacs import add_pacs_commands
 from service.cli_service import add_service_commands
-from service.cli_train import add_train_commands
+from service.cli_train import add_dataset_commands, add_train_commands
 
 log = logging.getLogger("voxelgate")
 
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dicom_commands(sub)
     add_pacs_commands(sub)
     add_train_commands(sub)
+    add_dataset_commands(sub)
     return parser
 
 

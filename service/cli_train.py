@@ -44,7 +44,20 @@ def _add_segment(tsub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--elastic", type=float, default=0.2, help="elastic deformation probability")
-    p.add_argument("--val-cases", type=int, default=1, help="last K cases held out")
+    p.add_argument("--foreground", type=float, default=1 / 3, help="foreground patch share")
+    p.add_argument("--flip-axes", type=int, nargs="*", default=[0, 1, 2], metavar="AXIS")
+    p.add_argument(
+        "--mirror-pairs",
+        nargs="*",
+        default=[],
+        metavar="A:B",
+        help="labels swapped by a left-right flip (e.g. 3:4 right/left parotid)",
+    )
+    p.add_argument("--no-rot90", action="store_true", help="no in-plane 90 degree rotations")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument(
+        "--val-cases", type=int, default=1, help="last K cases held out (no 'validation' list)"
+    )
     p.add_argument("--validate-every", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -52,6 +65,26 @@ def _add_segment(tsub: Any) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_train_segment)
+
+
+def cmd_dataset_openkbp(args: argparse.Namespace) -> int:
+    """Write the OpenKBP dataset JSON (official splits, QC flags out, present organs)."""
+    import json
+
+    from workers.openkbp_dataset import run
+
+    print(json.dumps(run(Path(args.src), Path(args.out))))
+    return 0
+
+
+def add_dataset_commands(sub: Any) -> None:
+    """Register ``dataset openkbp`` (training data descriptions from ../shared/data)."""
+    p_ds = sub.add_parser("dataset", help="write a training dataset description")
+    dsub = p_ds.add_subparsers(dest="dataset", required=True)
+    p = dsub.add_parser("openkbp", help="OpenKBP head-and-neck OARs -> segment dataset JSON")
+    p.add_argument("--src", default=str(DEFAULT_DATA / "openkbp"), help="OpenKBP folder")
+    p.add_argument("--out", required=True, help="dataset JSON to write")
+    p.set_defaults(func=cmd_dataset_openkbp)
 
 
 def add_train_commands(sub: Any) -> None:

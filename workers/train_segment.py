@@ -3,15 +3,19 @@
 Data: a Medical Segmentation Decathlon folder (``dataset.json`` with ``labels`` and a
 ``training`` list of ``{"image", "label"}`` paths relative to the folder, usually
 ``imagesTr/``/``labelsTr/``), or a JSON file of the same form (a list of image/label pairs).
-Two optional per-case keys extend the MSD format: ``"present": [1, 3]`` (labels annotated in
+Optional per-case keys extend the MSD format: ``"case"`` (its name; default the image file
+name without extension), ``"present": [1, 3]`` (labels annotated in
 that case; the others were not contoured and are not treated as background) and the label value
-255 anywhere marks unlabelled voxels (sparse annotation).
+255 anywhere marks unlabelled voxels (sparse annotation). A top-level ``"validation"`` list of
+the same form names the held-out cases explicitly (an official split); without it the last
+``--val-cases`` training cases (sorted by name) are held out.
 
 Each case is read with :func:`service.io.nifti.read_nifti`, reoriented to the card's canonical
 frame (RAS) exactly as the ``segment`` pipeline does (axis permutation/flips only), normalised
 (:func:`~models.pipelines.segment.inference.normalise`) and resampled to the training spacing
 (image trilinear with voxel edges aligned, as the pipeline; labels nearest neighbour, never
-interpolated). The last ``--val-cases`` cases (sorted by name) are held out for validation.
+interpolated). The training spacing (median) and the CT intensity window are taken from the
+training cases only.
 
 ``--out DIR`` receives ``checkpoint.pt`` (``--resume`` continues from it), ``metrics.json``
 and the installable model folder ``DIR/<name>/`` (``card.json`` + ``model.pt`` + its sha256),
@@ -83,18 +87,17 @@ def _nearest(label: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return label[np.ix_(*idx)]
 
 
-def _load_cases(
-    root: Path, meta: dict[str, Any], n_labels: int, spacing: tuple[float, float, float] | None
-) -> tuple[list[dict[str, Any]], tuple[float, float, float]]:
+def _load_cases(root: Path, entries: list[Any], n_labels: int) -> list[dict[str, Any]]:
+    """Read, reorient and check each ``{"image", "label", "present"?}`` entry (sorted by name)."""
     from models.training.segment_data import validate_label
 
     raw = []
-    for n, entry in enumerate(meta["training"]):
+    for n, entry in enumerate(entries):
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             raise InvalidParameters(f"training entry {n} needs 'image' and 'label'")
         image, affine, sp = _canonical(root / entry["image"])
         label, l_affine, _ = _canonical(root / entry["label"])
-        case_id = Path(entry["image"]).name.split(".")[0]
+        case_id = str(entry.get("case") or Path(entry["image"]).name.split(".")[0])
         if image.shape != label.shape or not np.allclose(affine, l_affine, atol=1e-3):
             raise InvalidParameters(
                 f"{case_id}: image and label grids differ (shape {image.shape} vs "
@@ -112,12 +115,33 @@ def _load_cases(
                 "present": None if present is None else tuple(sorted(int(v) for v in present)),
             }
         )
-    if not raw:
+    return sorted(raw, key=lambda c: c["case_id"])
+
+
+def _split(
+    root: Path, meta: dict[str, Any], n_labels: int, val_cases: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Training and validation cases: the dataset's ``validation`` list, or the last K."""
+    train = _load_cases(root, meta["training"], n_labels)
+    if not train:
         raise InvalidParameters("dataset has no training cases")
-    if spacing is None:
-        med = np.median([c["spacing"] for c in raw], axis=0)
-        spacing = (float(med[0]), float(med[1]), float(med[2]))
-    return sorted(raw, key=lambda c: c["case_id"]), spacing
+    if "validation" in meta:
+        if not isinstance(meta["validation"], list):
+            raise InvalidParameters("dataset 'validation' must be a list of image/label pairs")
+        val = _load_cases(root, meta["validation"], n_labels)
+        clash = {c["case_id"] for c in train} & {c["case_id"] for c in val}
+        if clash:
+            raise InvalidParameters(f"cases both in training and validation: {sorted(clash)[:5]}")
+        return train, val
+    if not 0 <= val_cases < len(train):
+        raise InvalidParameters(f"--val-cases must be in 0..{len(train) - 1}")
+    split = len(train) - val_cases
+    return train[:split], train[split:]
+
+
+def _median_spacing(raw: list[dict[str, Any]]) -> tuple[float, float, float]:
+    med = np.median([c["spacing"] for c in raw], axis=0)
+    return float(med[0]), float(med[1]), float(med[2])
 
 
 def _intensity(raw: list[dict[str, Any]], modality: str) -> dict[str, Any]:
@@ -157,9 +181,28 @@ def _config(args: argparse.Namespace, n_labels: int) -> Any:
         seed=args.seed,
         validate_every=args.validate_every,
         checkpoint_every=args.checkpoint_every,
-        augment=AugmentConfig(elastic_probability=args.elastic),
+        augment=AugmentConfig(
+            elastic_probability=args.elastic,
+            foreground_fraction=args.foreground,
+            flip_axes=tuple(args.flip_axes),
+            mirror_pairs=tuple(_pairs(args.mirror_pairs)),
+            rot90=not args.no_rot90,
+        ),
         device=args.device,
+        precision=args.precision,
     )
+
+
+def _pairs(specs: list[str]) -> list[tuple[int, int]]:
+    """``["3:4"]`` -> ``[(3, 4)]``."""
+    out = []
+    for spec in specs:
+        try:
+            a, b = (int(v) for v in spec.split(":"))
+        except ValueError:
+            raise InvalidParameters(f"--mirror-pairs wants A:B label pairs, got {spec!r}") from None
+        out.append((a, b))
+    return out
 
 
 def _card(
@@ -179,7 +222,7 @@ def _card(
         "orientation": ORIENTATION,
         "intensity": facts["intensity"],
         "patch_size": list(config.patch),
-        "labels": [{"value": v, "name": n} for v, n in labels],
+        "labels": [_card_label(v, n, facts["label_codes"]) for v, n in labels],
         "training_data": (
             f"{facts['dataset']}: {len(facts['train'])} training cases "
             f"({', '.join(facts['train'])}); held out for validation: "
@@ -196,6 +239,18 @@ def _card(
     }
 
 
+def _card_label(value: int, name: str, codes: Any) -> dict[str, Any]:
+    """A card label, with the dataset's ``label_codes[value]`` (type, category, colour)."""
+    entry: dict[str, Any] = {"value": value, "name": name}
+    extra = codes.get(str(value), {}) if isinstance(codes, dict) else {}
+    for key in ("category", "type", "colour"):
+        if key in extra:
+            entry[key] = list(extra[key])
+    if "type" in entry and "category" not in entry:
+        entry["category"] = ["123037004", "SCT", "Anatomical Structure"]
+    return entry
+
+
 def run(args: argparse.Namespace) -> int:
     """Train (or resume), then write checkpoint, metrics and the installable model folder."""
     import torch
@@ -209,17 +264,16 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = checkpoint_path(out, args.resume)
     root, meta = _read_dataset(Path(args.data))
     labels = _labels(meta)
-    spacing = tuple(args.spacing) if args.spacing else None
     try:
-        raw, spacing = _load_cases(root, meta, len(labels), spacing)
-        if not 0 <= args.val_cases < len(raw):
-            raise InvalidParameters(f"--val-cases must be in 0..{len(raw) - 1}")
-        split = len(raw) - args.val_cases
-        intensity_dict = _intensity(raw[:split], args.modality)
-        intensity = Intensity.model_validate(intensity_dict)
-        cases = [_prepare(c, spacing, intensity) for c in raw]
-        train_cases, val_cases = cases[:split], cases[split:]
+        if not args.mirror_pairs and isinstance(meta.get("mirror_pairs"), list):
+            args.mirror_pairs = [str(v) for v in meta["mirror_pairs"]]
         config = _config(args, len(labels))
+        raw_train, raw_val = _split(root, meta, len(labels), args.val_cases)
+        spacing = tuple(args.spacing) if args.spacing else _median_spacing(raw_train)
+        intensity = Intensity.model_validate(_intensity(raw_train, args.modality))
+        train_cases = [_prepare(c, spacing, intensity) for c in raw_train]
+        val_cases = [_prepare(c, spacing, intensity) for c in raw_val]
+        del raw_train, raw_val
         resume = (
             torch.load(checkpoint, map_location="cpu", weights_only=True) if args.resume else None
         )
@@ -256,6 +310,7 @@ def run(args: argparse.Namespace) -> int:
         train=[c.case_id for c in train_cases],
         val=[c.case_id for c in val_cases],
         validation=outcome.metrics["validation"],
+        label_codes=meta.get("label_codes"),
         best_step=outcome.metrics["best_step"],
     )
     atomic_json(card, folder / "card.json")

@@ -56,7 +56,13 @@ class AugmentConfig:
     Attributes:
         foreground_fraction: Share of patches centred on a random foreground voxel (nnU-Net:
             1/3); the others are centred uniformly at random.
-        flip: Random flips along each axis (probability 0.5 each).
+        flip: Random flips along each axis of ``flip_axes`` (probability 0.5 each).
+        flip_axes: Axes that may be flipped. In the canonical RAS frame axis 0 is right-left,
+            1 posterior-anterior, 2 inferior-superior; anatomy is rarely mirrored along 1 or 2,
+            so models of fixed anatomy keep only ``(0,)``.
+        mirror_pairs: Label pairs swapped when axis 0 (left-right) is flipped, so a mirrored
+            left parotid becomes a right parotid instead of a wrongly labelled one. A flip of
+            axis 0 with lateral labels and no pairs teaches the network to confuse the sides.
         rot90: Random 90 degree rotations in the plane of axes 0 and 1 (in-plane).
         intensity_scale: Multiply the normalised image by ``U(1 - s, 1 + s)``.
         intensity_shift: Add ``U(-s, s)`` (normalised units).
@@ -69,12 +75,24 @@ class AugmentConfig:
 
     foreground_fraction: float = 1.0 / 3.0
     flip: bool = True
+    flip_axes: tuple[int, ...] = (0, 1, 2)
+    mirror_pairs: tuple[tuple[int, int], ...] = ()
     rot90: bool = True
     intensity_scale: float = 0.1
     intensity_shift: float = 0.1
     elastic_probability: float = 0.2
     elastic_sigma: float = 2.0
     elastic_grid: int = 3
+
+    def __post_init__(self) -> None:
+        """Validate the axes and pairs."""
+        if any(a not in (0, 1, 2) for a in self.flip_axes):
+            raise InputRejected(f"flip_axes must be within 0, 1, 2, got {list(self.flip_axes)}")
+        flat = [v for pair in self.mirror_pairs for v in pair]
+        if any(len(pair) != 2 for pair in self.mirror_pairs) or len(set(flat)) != len(flat):
+            raise InputRejected(f"mirror_pairs must be disjoint pairs, got {self.mirror_pairs}")
+        if any(v < 1 or v == IGNORE for v in flat):
+            raise InputRejected(f"mirror_pairs must name labels 1..n, got {self.mirror_pairs}")
 
 
 def case_rng(seed: int, step: int, index: int = 0) -> np.random.Generator:
@@ -188,34 +206,62 @@ def augment(
     label: npt.NDArray[np.uint8],
     rng: np.random.Generator,
     config: AugmentConfig,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8], bool]:
     """Elastic deformation, flips, in-plane 90 degree rotation, intensity scale/shift.
 
     Rotations need a square in-plane patch (axes 0 and 1); otherwise they are skipped.
+
+    Returns:
+        ``(image, label, mirrored)``: ``mirrored`` tells that axis 0 was flipped and the
+        ``mirror_pairs`` swapped (the caller swaps the case's ``present`` labels the same way).
     """
+    mirrored = False
     if config.elastic_probability and rng.random() < config.elastic_probability:
         image, label = elastic(image, label, rng, config.elastic_sigma, config.elastic_grid)
     if config.flip:
         for axis in range(3):
-            if rng.random() < 0.5:
+            if rng.random() < 0.5 and axis in config.flip_axes:
                 image, label = np.flip(image, axis), np.flip(label, axis)
+                if axis == 0 and config.mirror_pairs:
+                    label = swap_labels(label, config.mirror_pairs)
+                    mirrored = True
     if config.rot90 and image.shape[0] == image.shape[1]:
         k = int(rng.integers(4))
         image, label = np.rot90(image, k, (0, 1)), np.rot90(label, k, (0, 1))
     scale = 1.0 + rng.uniform(-config.intensity_scale, config.intensity_scale)
     shift = rng.uniform(-config.intensity_shift, config.intensity_shift)
     image = (image * scale + shift).astype(np.float32)
-    return np.ascontiguousarray(image), np.ascontiguousarray(label)
+    return np.ascontiguousarray(image), np.ascontiguousarray(label), mirrored
 
 
-def present_mask(cases: Sequence[SegCase], n_labels: int) -> npt.NDArray[np.bool_]:
-    """``(B, n_labels + 1)`` bool: which classes each case annotates (background always)."""
+def swap_labels(
+    label: npt.NDArray[np.uint8], pairs: Sequence[tuple[int, int]]
+) -> npt.NDArray[np.uint8]:
+    """Exchange the values of each pair (left/right organs after a left-right mirror)."""
+    lut = np.arange(256, dtype=np.uint8)
+    for a, b in pairs:
+        lut[a], lut[b] = b, a
+    return lut[label]
+
+
+def present_mask(
+    cases: Sequence[SegCase],
+    n_labels: int,
+    mirrored: Sequence[bool] = (),
+    pairs: Sequence[tuple[int, int]] = (),
+) -> npt.NDArray[np.bool_]:
+    """``(B, n_labels + 1)`` bool: which classes each case annotates (background always).
+
+    Items with ``mirrored[b]`` true have the ``pairs`` exchanged, as their labels were.
+    """
     mask = np.ones((len(cases), n_labels + 1), dtype=bool)
+    swap = {a: b for a, b in pairs} | {b: a for a, b in pairs}
     for b, case in enumerate(cases):
         if case.present is not None:
+            flipped = b < len(mirrored) and mirrored[b]
             mask[b, 1:] = False
             for value in case.present:
-                mask[b, value] = True
+                mask[b, swap.get(value, value) if flipped else value] = True
     return mask
 
 
@@ -237,18 +283,19 @@ def make_batch(
     """
     if not cases:
         raise InputRejected("no training cases")
-    images, labels, chosen = [], [], []
+    images, labels, chosen, mirrored = [], [], [], []
     for b in range(batch_size):
         rng = case_rng(seed, step, b)
         case = cases[int(rng.integers(len(cases)))]
         fg = rng.random() < config.foreground_fraction
         img, lab = sample_patch(case, patch, rng, fg)
-        img, lab = augment(img, lab, rng, config)
+        img, lab, flipped = augment(img, lab, rng, config)
+        mirrored.append(flipped)
         images.append(img)
         labels.append(lab)
         chosen.append(case)
     return (
         np.stack(images)[:, None],
         np.stack(labels),
-        present_mask(chosen, n_labels),
+        present_mask(chosen, n_labels, mirrored, config.mirror_pairs),
     )

@@ -1,0 +1,207 @@
+"""Training options for lateral anatomy and official splits (``voxelgate train segment``).
+
+* A left-right flip with ``mirror_pairs`` swaps the paired labels and the case's ``present``
+  labels the same way (a mirrored right parotid is a left parotid).
+* ``flip_axes`` restricts the flips; bf16 training runs and is refused with a bad name.
+* A dataset ``validation`` list is used as the held-out set (an official split), the spacing and
+  the intensity window come from the training cases only, and label codes reach the card.
+* ``voxelgate dataset openkbp`` on the real OpenKBP folder: official splits, QC flags out,
+  ``present`` computed from the contours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from models.errors import InputRejected
+from models.pipelines.segment.card import load_card
+from models.training.segment_data import AugmentConfig, SegCase, augment, make_batch
+from models.training.segment_train import SegTrainConfig, train
+from service.cli_train import add_dataset_commands, add_train_commands
+from service.errors import InvalidParameters
+from workers.openkbp_dataset import build_dataset
+from workers.train_segment import run as run_worker
+
+OPENKBP = Path(__file__).resolve().parents[3] / "shared" / "data" / "openkbp"
+
+
+def _lateral_case() -> SegCase:
+    """Label 1 on the low side of axis 0, label 2 on the high side; only label 1 annotated."""
+    label = np.zeros((8, 8, 8), np.uint8)
+    label[1:3, 2:6, 2:6] = 1
+    image = np.linspace(0, 1, 8 * 8 * 8, dtype=np.float32).reshape(8, 8, 8)
+    return SegCase("lateral", image, label, present=(1,))
+
+
+def test_mirror_swaps_labels_and_present() -> None:
+    case = _lateral_case()
+    config = AugmentConfig(
+        flip_axes=(0,),
+        mirror_pairs=((1, 2),),
+        rot90=False,
+        elastic_probability=0.0,
+        intensity_scale=0.0,
+        intensity_shift=0.0,
+        foreground_fraction=0.0,
+    )
+    seen = {True: 0, False: 0}
+    for step in range(16):
+        images, labels, present = make_batch(
+            [case], seed=0, step=step, batch_size=1, patch=(8, 8, 8), n_labels=2, config=config
+        )
+        mirrored = bool(np.any(labels[0] == 2))
+        seen[mirrored] += 1
+        if mirrored:
+            assert not np.any(labels[0] == 1)
+            assert np.array_equal(labels[0] == 2, np.flip(case.label == 1, 0))
+            assert np.array_equal(images[0, 0], np.flip(case.image, 0))
+            assert present[0].tolist() == [True, False, True]
+        else:
+            assert np.array_equal(labels[0], case.label)
+            assert present[0].tolist() == [True, True, False]
+    assert seen[True], seen
+    assert seen[False], seen
+
+
+def test_flip_axes_limit_the_flips() -> None:
+    case = _lateral_case()
+    config = AugmentConfig(
+        flip_axes=(0,),
+        rot90=False,
+        elastic_probability=0.0,
+        intensity_scale=0.0,
+        intensity_shift=0.0,
+    )
+    for step in range(12):
+        image, _, _ = augment(case.image, case.label, np.random.default_rng(step), config)
+        assert np.array_equal(image, case.image) or np.array_equal(image, np.flip(case.image, 0))
+    with pytest.raises(InputRejected, match="flip_axes"):
+        AugmentConfig(flip_axes=(3,))
+    with pytest.raises(InputRejected, match="disjoint pairs"):
+        AugmentConfig(mirror_pairs=((1, 2), (2, 3)))
+
+
+def test_bf16_training_runs_and_bad_precision_is_refused() -> None:
+    rng = np.random.default_rng(0)
+    label = np.zeros((24, 24, 24), np.uint8)
+    label[6:14, 6:14, 6:14] = 1
+    image = (label + rng.normal(0, 0.1, label.shape)).astype(np.float32)
+    config = SegTrainConfig(
+        net_args={"channels": [4, 8], "strides": [2], "num_res_units": 0},
+        patch=(16, 16, 16),
+        steps=3,
+        precision="bf16",
+        checkpoint_every=10,
+    )
+    outcome = train(config, [SegCase("c", image, label)], [SegCase("v", image, label)])
+    assert outcome.state["step"] == 3
+    assert np.isfinite([h["loss"] for h in outcome.state["history"]]).all()
+    assert outcome.metrics["validation"]["cases"] == 1
+    with pytest.raises(InputRejected, match="precision"):
+        SegTrainConfig(precision="fp8")
+
+
+def _write(root: Path, name: str, image: np.ndarray, label: np.ndarray) -> dict[str, str]:
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(image, affine), root / f"{name}_img.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine), root / f"{name}_lab.nii.gz")
+    return {"case": name, "image": f"{name}_img.nii.gz", "label": f"{name}_lab.nii.gz"}
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    add_train_commands(sub)
+    add_dataset_commands(sub)
+    return parser.parse_args(list(argv))
+
+
+def test_validation_list_is_the_held_out_set_and_codes_reach_the_card(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    entries = []
+    for n in range(4):
+        label = np.zeros((24, 24, 24), np.uint8)
+        label[4:12, 4:12, 4:12] = 1
+        image = (100.0 * label + rng.normal(0, 5, label.shape)).astype(np.float32)
+        entries.append(_write(tmp_path, f"c{n}", image, label))
+    # the validation case is very bright: if it leaked into the intensity window the card's
+    # upper bound would move far above 100 HU
+    label = np.zeros((24, 24, 24), np.uint8)
+    label[4:12, 4:12, 4:12] = 1
+    val = _write(tmp_path, "v0", (5000.0 * label).astype(np.float32), label)
+    codes = {"1": {"type": ["91609006", "SCT", "Mandible"], "colour": [1, 2, 3]}}
+    meta = {
+        "labels": {"0": "background", "1": "Mandible"},
+        "training": entries,
+        "validation": [val],
+        "label_codes": codes,
+    }
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    out = tmp_path / "run"
+    args = _args(
+        "train",
+        "segment",
+        "--data",
+        str(tmp_path),
+        "--out",
+        str(out),
+        "--name",
+        "m",
+        "--net-args",
+        json.dumps({"channels": [4, 8], "strides": [2], "num_res_units": 0}),
+        "--patch",
+        "16",
+        "16",
+        "16",
+        "--steps",
+        "2",
+        "-q",
+    )
+    assert run_worker(args) == 0
+    card = load_card(out / "m")
+    assert "4 training cases" in card.training_data
+    assert "v0" in card.training_data
+    assert card.intensity.upper is not None
+    assert card.intensity.upper < 200
+    assert card.labels[0].type is not None
+    assert card.labels[0].type[2] == "Mandible"
+    assert card.labels[0].category is not None
+    assert card.labels[0].category[0] == "123037004"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["validation"]["cases"] == 1
+    meta["validation"] = [entries[0]]
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    args.out = str(tmp_path / "run2")
+    with pytest.raises(InvalidParameters, match="both in training and validation"):
+        run_worker(args)
+
+
+@pytest.mark.skipif(not OPENKBP.is_dir(), reason="../shared/data/openkbp not present")
+def test_openkbp_dataset_uses_official_splits_and_drops_flagged_cases(tmp_path: Path) -> None:
+    dataset = build_dataset(OPENKBP)
+    flags = json.loads((OPENKBP / "splits.json").read_text())["qc_flags"]
+    names = {e["case"] for e in dataset["training"]} | {e["case"] for e in dataset["validation"]}
+    assert len(dataset["training"]) == 169
+    assert len(dataset["validation"]) == 30
+    assert {x["case"] for x in dataset["excluded"]} == set(flags)
+    assert not names & {k.split("/")[1] for k in flags}
+    # present = organs with voxels; check two cases against their label files
+    for entry in dataset["training"][:2] + dataset["validation"][:1]:
+        values = np.unique(np.asarray(nib.load(entry["label"]).dataobj))
+        assert entry["present"] == [int(v) for v in values if v > 0]
+    counts = [sum(v in e["present"] for e in dataset["training"]) for v in range(1, 8)]
+    assert counts[4] < 100 < counts[1], counts  # esophagus often not contoured, the cord is
+    out = tmp_path / "openkbp.json"
+    assert (
+        _args("dataset", "openkbp", "--src", str(OPENKBP), "--out", str(out)).func(
+            _args("dataset", "openkbp", "--src", str(OPENKBP), "--out", str(out))
+        )
+        == 0
+    )
+    assert json.loads(out.read_text())["mirror_pairs"] == ["3:4"]
