@@ -37,6 +37,7 @@ from models.pipelines.segment.inference import (
     resample_image,
 )
 from models.pipelines.segment.networks import FinalOutput, load_network
+from models.pipelines.segment.overlay import overlay_figure
 from models.pipelines.segment.params import SegmentParams
 from models.registry import provenance_for
 from models.result import ProgressCallback, Result
@@ -45,6 +46,17 @@ from models.volume import Volume
 
 OUTPUT = "segmentation"
 """Name of the output label map in the Result."""
+
+CT_DISPLAY_WINDOW = (-160.0, 240.0)
+"""Overlay window for CT, HU (soft tissue: width 400, level 40)."""
+
+
+def display_window(image: Volume) -> tuple[float, float]:
+    """CT: :data:`CT_DISPLAY_WINDOW`; other modalities: the 1st to 99th percentile."""
+    if image.modality == "CT":
+        return CT_DISPLAY_WINDOW
+    lo, hi = (float(v) for v in np.percentile(image.array, [1.0, 99.0]))
+    return lo, hi if hi > lo else lo + 1.0
 
 
 def segment_volume(
@@ -122,7 +134,8 @@ def run(
 
     Returns:
         A Result with the label map ``segmentation`` on the input grid, per-label volumes (mL)
-        and voxel counts, timings, and provenance stamped with the model's weights sha256.
+        and voxel counts, timings, the ``overlay`` figure (three orthogonal slices) and
+        provenance stamped with the model's weights sha256.
 
     Raises:
         InputRejected: No image, wrong modality, no or unknown model, a bad card, a volume too
@@ -143,6 +156,7 @@ def run(
         )
     label_map, facts = segment_volume(image, card, network, params, progress)
     runtime = time.perf_counter() - t0
+    figure = overlay_figure(image, label_map, display_window(image))
     volumes = {
         name: {"value": v.value, "voxel_count": v.voxel_count, "volume_ml": round(v.volume_ml, 4)}
         for name, v in label_map.volumes_ml().items()
@@ -162,7 +176,7 @@ def run(
             "geometry": facts,
             "runtime_s": round(runtime, 3),
         },
-        figures=[],
+        figures=[figure],
         provenance=provenance,
         label_maps={OUTPUT: label_map},
     )
