@@ -18,8 +18,9 @@ interpolated). The training spacing (median) and the CT intensity window are tak
 training cases only.
 
 ``--out DIR`` receives ``checkpoint.pt`` (``--resume`` continues from it), ``metrics.json``
-and the installable model folder ``DIR/<name>/`` (``card.json`` + ``model.pt`` + its sha256),
-which can be copied to ``models/weights/segment/<name>/``. Every figure in the card and the
+and the installable model folder ``DIR/<name>/`` (``card.json`` + ``model.pt`` + its sha256,
+and a compact ``checkpoint.pt`` to resume from in a later session), which can be copied to
+``models/weights/segment/<name>/``. Every figure in the card and the
 metrics was measured by this run.
 """
 
@@ -37,6 +38,10 @@ from service.errors import InvalidParameters
 from workers.training_files import atomic_json, atomic_torch_save, checkpoint_path, save_weights
 
 WEIGHTS = "model.pt"
+SHIPPED_CHECKPOINT = "checkpoint.pt"
+"""The compact resume checkpoint written into the model folder (weights and AdamW moments as
+bfloat16): copy it to ``DIR/checkpoint.pt`` and pass ``--resume`` to continue in a later
+session."""
 ORIENTATION = "RAS"
 DEFAULT_NET_ARGS: dict[str, dict[str, Any]] = {
     "unet3d": {"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 2},
@@ -258,6 +263,8 @@ def run(args: argparse.Namespace) -> int:
 
     from models.errors import InputRejected
     from models.pipelines.segment.card import Intensity, ModelCardInvalid, read_card
+    from models.provenance import file_sha256
+    from models.training.checkpoints import compact_checkpoint
     from models.training.segment_train import train
 
     out = Path(args.out)
@@ -314,6 +321,11 @@ def run(args: argparse.Namespace) -> int:
         best_step=outcome.metrics["best_step"],
     )
     atomic_json(card, folder / "card.json")
+    shipped = folder / SHIPPED_CHECKPOINT
+    atomic_torch_save(compact_checkpoint(outcome.state, weights_bf16=True), shipped)
+    (folder / f"{SHIPPED_CHECKPOINT}.sha256").write_text(
+        f"{file_sha256(shipped)}  {SHIPPED_CHECKPOINT}\n", encoding="utf-8"
+    )
     try:
         read_card(folder)
     except ModelCardInvalid as exc:

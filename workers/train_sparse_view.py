@@ -131,12 +131,13 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from models.errors import InputRejected
+    from models.training.checkpoints import compact_checkpoint
     from models.training.sparse_view_data import (
         SimulationConfig,
         SparseViewSimulator,
         make_validation_set,
     )
-    from models.training.sparse_view_train import compact_checkpoint, fp16_state_dict, train
+    from models.training.sparse_view_train import fp16_state_dict, train
 
     out = Path(args.out)
     checkpoint = checkpoint_path(out, args.resume)

@@ -323,27 +323,6 @@ def _sim_config(config: TrainConfig) -> SimulationConfig:
     return SimulationConfig(tuple(config.views), config.teacher_factor, config.i0)
 
 
-def compact_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint dict with the AdamW moments stored as bfloat16 (weights stay float32).
-
-    Halves the optimizer's share of the file (about 11 MB -> 7.5 MB for the shipped network).
-    bfloat16 keeps float32's exponent range, so the tiny second moments do not underflow;
-    :meth:`torch.optim.Optimizer.load_state_dict` casts them back to the parameters' dtype on
-    resume, so a resumed run continues with the moments rounded to 8 significant bits.
-    """
-    optimizer = dict(state["optimizer"])
-    optimizer["state"] = {
-        key: {
-            name: value.to(torch.bfloat16)
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and name != "step"
-            else value
-            for name, value in param_state.items()
-        }
-        for key, param_state in optimizer["state"].items()
-    }
-    return {**state, "optimizer": optimizer}
-
-
 def fp16_state_dict(model: GloReDiNet) -> dict[str, torch.Tensor]:
     """The model's weights as an fp16 CPU state dict (what gets written as the weights file)."""
     return {k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()}

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from models.errors import InputRejected
 from models.pipelines.segment.card import load_card
+from models.provenance import file_sha256
 from models.training.segment_data import AugmentConfig, SegCase, augment, make_batch
 from models.training.segment_train import SegTrainConfig, train
 from service.cli_train import add_dataset_commands, add_train_commands
@@ -175,6 +178,22 @@ def test_validation_list_is_the_held_out_set_and_codes_reach_the_card(tmp_path: 
     assert card.labels[0].category[0] == "123037004"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["validation"]["cases"] == 1
+    # the compact checkpoint shipped in the model folder resumes a later run
+    shipped = out / "m" / "checkpoint.pt"
+    digest = (out / "m" / "checkpoint.pt.sha256").read_text().split()[0]
+    assert digest == file_sha256(shipped)
+    state = torch.load(shipped, weights_only=True)
+    assert all(v.dtype == torch.bfloat16 for v in state["model"].values() if v.is_floating_point())
+    moments = next(iter(state["optimizer"]["state"].values()))
+    assert moments["exp_avg_sq"].dtype == torch.bfloat16
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copy(shipped, again / "checkpoint.pt")
+    args.out, args.steps, args.resume = str(again), 4, True
+    assert run_worker(args) == 0
+    resumed = json.loads((again / "metrics.json").read_text())
+    assert (resumed["resumed_from_step"], resumed["steps_total"]) == (2, 4)
+    args.resume = False
     meta["validation"] = [entries[0]]
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
     args.out = str(tmp_path / "run2")

@@ -36,6 +36,10 @@ MODELS_ROOT = Path(__file__).resolve().parents[2] / "weights" / "segment"
 
 CARD_FILE = "card.json"
 
+DEFAULT_MODEL = "head-neck-oars-unetpp"
+"""The model used when ``model`` is unset and it is installed (the shipped model with the best
+validation Dice; see ``models/cards/segment.md``)."""
+
 AXIS_CODES: dict[str, tuple[int, int]] = {
     "L": (0, 1),
     "R": (0, -1),
@@ -440,16 +444,22 @@ def installed_models(root: Path = MODELS_ROOT) -> list[str]:
 
 
 def resolve_model(name: str | None, root: Path = MODELS_ROOT) -> str:
-    """The installed model to use: ``name``, or the only installed model when ``None``.
+    """The installed model to use (its folder name).
+
+    ``name`` when given; when ``None``, :data:`DEFAULT_MODEL` if it is installed under ``root``,
+    else the only installed model.
 
     Raises:
-        ModelCardInvalid: ``name`` is not installed, or ``None`` and zero or several models are,
-            with the installed models (or "none") and a did-you-mean hint.
+        ModelCardInvalid: ``name`` is not installed, or ``None`` and zero or several models are
+            (none of them the default), with the installed models (or "none") and a
+            did-you-mean hint.
     """
     installed = installed_models(root)
     listing = ", ".join(installed) if installed else "none"
     where = f"{root.name}/ ({root})"
     if name is None:
+        if DEFAULT_MODEL in installed:
+            return DEFAULT_MODEL
         if len(installed) == 1:
             return installed[0]
         raise ModelCardInvalid(
