@@ -46,6 +46,14 @@ ORIENTATION = "RAS"
 DEFAULT_NET_ARGS: dict[str, dict[str, Any]] = {
     "unet3d": {"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 2},
     "unetpp": {"features": [16, 16, 32, 64, 128, 16]},
+    "dynunet": {
+        "kernel_size": [3, 3, 3, 3, 3],
+        "strides": [1, 2, 2, 2, 2],
+        "upsample_kernel_size": [2, 2, 2, 2],
+        "filters": [16, 32, 64, 128, 256],
+        "norm_name": "instance",
+        "res_block": True,
+    },
 }
 
 

@@ -38,8 +38,9 @@ class SegTrainConfig:
     """Training settings (stored in checkpoints and metrics).
 
     Attributes:
-        arch: ``unet3d`` (MONAI ``UNet``) or ``unetpp`` (``BasicUNetPlusPlus``, trained with
-            deep supervision).
+        arch: ``unet3d`` (MONAI ``UNet``), ``unetpp`` (``BasicUNetPlusPlus``, trained with
+            deep supervision) or ``dynunet`` (MONAI ``DynUNet``, nnU-Net-like; the baseline of
+            issue 6, trained without deep supervision here).
         net_args: Network arguments as written in the card (``channels``/``strides``... for
             ``unet3d``, ``features`` for ``unetpp``).
         n_labels: Labels ``1..n`` (the network has ``n + 1`` outputs).
@@ -77,8 +78,8 @@ class SegTrainConfig:
         """Validate the fields."""
         if self.precision not in ("fp32", "bf16"):
             raise InputRejected(f"precision must be fp32 or bf16, got {self.precision!r}")
-        if self.arch not in ("unet3d", "unetpp"):
-            raise InputRejected(f"arch must be unet3d or unetpp, got {self.arch!r}")
+        if self.arch not in ("unet3d", "unetpp", "dynunet"):
+            raise InputRejected(f"arch must be unet3d, unetpp or dynunet, got {self.arch!r}")
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.n_labels < 1:
             raise InputRejected("steps, batch_size, checkpoint_every, n_labels must be >= 1")
         if not 0 < self.lr < 1:
@@ -99,6 +100,8 @@ def build_network(config: SegTrainConfig) -> torch.nn.Module:
     fixed = {"spatial_dims": 3, "in_channels": 1, "out_channels": config.n_labels + 1}
     if config.arch == "unet3d":
         return nets.UNet(**{**config.net_args, **fixed})
+    if config.arch == "dynunet":
+        return nets.DynUNet(**{**config.net_args, **fixed, "deep_supervision": False})
     return nets.BasicUNetPlusPlus(**{**config.net_args, **fixed, "deep_supervision": True})
 
 

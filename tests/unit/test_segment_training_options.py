@@ -23,9 +23,13 @@ import torch
 
 from models.errors import InputRejected
 from models.pipelines.segment.card import load_card
+from models.pipelines.segment.params import SegmentParams
+from models.pipelines.segment.pipeline import run as run_pipeline
 from models.provenance import file_sha256
+from models.result import no_progress
 from models.training.segment_data import AugmentConfig, SegCase, augment, make_batch
 from models.training.segment_train import SegTrainConfig, train
+from models.volume import Volume
 from service.cli_train import add_dataset_commands, add_train_commands
 from service.errors import InvalidParameters
 from workers.openkbp_dataset import build_dataset
@@ -224,3 +228,37 @@ def test_openkbp_dataset_uses_official_splits_and_drops_flagged_cases(tmp_path: 
         == 0
     )
     assert json.loads(out.read_text())["mirror_pairs"] == ["3:4"]
+
+
+def test_dynunet_baseline_trains_and_runs_in_the_pipeline(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    entries = []
+    for n in range(3):
+        label = np.zeros((32, 32, 32), np.uint8)
+        label[8:20, 10:22, 6:18] = 1
+        image = (200.0 * label + rng.normal(0, 10, label.shape)).astype(np.float32)
+        entries.append(_write(tmp_path, f"d{n}", image, label))
+    meta = {"labels": {"0": "background", "1": "Block"}, "training": entries}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    net_args = {
+        "kernel_size": [3, 3, 3],
+        "strides": [1, 2, 2],
+        "upsample_kernel_size": [2, 2],
+        "filters": [4, 8, 16],
+        "norm_name": "instance",
+    }
+    out = tmp_path / "run"
+    args = _args(
+        *("train", "segment", "--data", str(tmp_path), "--out", str(out), "--name", "dyn"),
+        *("--arch", "dynunet", "--net-args", json.dumps(net_args), "--steps", "3"),
+        *("--patch", "16", "16", "16", "--val-cases", "1", "-q"),
+    )
+    assert run_worker(args) == 0
+    card = load_card(out / "dyn")
+    assert card.architecture.name == "dynunet"
+    image = Volume(rng.normal(0, 10, (20, 24, 28)).astype(np.float32), np.eye(4), modality="CT")
+    params = SegmentParams.model_validate(
+        {"model": "dyn", "device": "cpu"}, context={"models_root": out}
+    )
+    result = run_pipeline({"image": image}, params, no_progress, models_root=out)
+    assert result.label_maps["segmentation"].shape == image.shape

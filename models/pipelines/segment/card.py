@@ -92,8 +92,9 @@ class Architecture(BaseModel):
     """Network definition.
 
     Attributes:
-        name: ``unet3d`` (MONAI ``UNet``, 3D), ``unetpp`` (MONAI ``BasicUNetPlusPlus``) or
-            ``monai-bundle`` (class and arguments read from the bundle config, see
+        name: ``unet3d`` (MONAI ``UNet``, 3D), ``unetpp`` (MONAI ``BasicUNetPlusPlus``),
+            ``dynunet`` (MONAI ``DynUNet``, the nnU-Net-like baseline) or ``monai-bundle``
+            (class and arguments read from the bundle config, see
             :class:`Weights`).
         args: Constructor arguments except ``spatial_dims`` (3), ``in_channels`` (1) and
             ``out_channels`` (labels + 1), which follow from the card (given, they must match).
@@ -101,7 +102,7 @@ class Architecture(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: Literal["unet3d", "unetpp", "monai-bundle"]
+    name: Literal["unet3d", "unetpp", "dynunet", "monai-bundle"]
     args: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -277,7 +278,7 @@ def downsampling_factor(name: str, args: dict[str, Any]) -> tuple[int, int, int]
     if name in ("unetpp", "BasicUNetPlusPlus", "BasicUNet"):
         return (16, 16, 16)
     strides = args.get("strides")
-    if name in ("unet3d", "UNet", "AttentionUnet", "DynUNet") and strides is not None:
+    if name in ("unet3d", "dynunet", "UNet", "AttentionUnet", "DynUNet") and strides is not None:
         factor = [1, 1, 1]
         for stride in strides:
             per_axis: list[Any] = [stride] * 3 if isinstance(stride, int) else list(stride)
@@ -288,8 +289,8 @@ def downsampling_factor(name: str, args: dict[str, Any]) -> tuple[int, int, int]
     if name == "SegResNet":
         n = 2 ** (len(args.get("blocks_down", (1, 2, 2, 4))) - 1)
         return (n, n, n)
-    if name == "unet3d":
-        raise ValueError("unet3d needs 'strides' (and 'channels') in architecture.args")
+    if name in ("unet3d", "dynunet"):
+        raise ValueError(f"{name} needs 'strides' in architecture.args")
     return (1, 1, 1)
 
 

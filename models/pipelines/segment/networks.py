@@ -47,6 +47,7 @@ def build_network(card: ModelCard, folder: Path | None = None) -> FinalOutput:
 
     Args:
         card: The model card; ``unet3d`` -> MONAI ``UNet``, ``unetpp`` -> ``BasicUNetPlusPlus``,
+            ``dynunet`` -> ``DynUNet`` (the nnU-Net-like baseline),
             ``monai-bundle`` -> the whitelisted class named by the bundle config.
         folder: Model folder (needed for ``monai-bundle`` only).
 
@@ -58,6 +59,8 @@ def build_network(card: ModelCard, folder: Path | None = None) -> FinalOutput:
         cls, args = _monai_class("UNet"), dict(card.architecture.args)
     elif card.architecture.name == "unetpp":
         cls, args = _monai_class("BasicUNetPlusPlus"), dict(card.architecture.args)
+    elif card.architecture.name == "dynunet":
+        cls, args = _monai_class("DynUNet"), dict(card.architecture.args)
     else:
         if folder is None or card.weights.bundle_config is None:
             raise ModelCardInvalid("a monai-bundle model needs its folder and bundle_config")
