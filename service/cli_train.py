@@ -45,6 +45,11 @@ def _add_segment(tsub: Any) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--elastic", type=float, default=0.2, help="elastic deformation probability")
     p.add_argument("--foreground", type=float, default=1 / 3, help="foreground patch share")
+    p.add_argument(
+        "--balanced-foreground",
+        action="store_true",
+        help="foreground patches centred on a label drawn uniformly among the case's labels",
+    )
     p.add_argument("--flip-axes", type=int, nargs="*", default=[0, 1, 2], metavar="AXIS")
     p.add_argument(
         "--mirror-pairs",

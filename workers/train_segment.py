@@ -197,6 +197,7 @@ def _config(args: argparse.Namespace, n_labels: int) -> Any:
         augment=AugmentConfig(
             elastic_probability=args.elastic,
             foreground_fraction=args.foreground,
+            balanced_foreground=args.balanced_foreground,
             flip_axes=tuple(args.flip_axes),
             mirror_pairs=tuple(_pairs(args.mirror_pairs)),
             rot90=not args.no_rot90,

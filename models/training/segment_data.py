@@ -56,6 +56,10 @@ class AugmentConfig:
     Attributes:
         foreground_fraction: Share of patches centred on a random foreground voxel (nnU-Net:
             1/3); the others are centred uniformly at random.
+        balanced_foreground: Centre a foreground patch on a voxel of a label drawn uniformly
+            among the labels present in the patch's case (nnU-Net's class-balanced
+            oversampling), instead of a uniformly drawn foreground voxel, which favours the
+            largest organs and rarely centres small ones.
         flip: Random flips along each axis of ``flip_axes`` (probability 0.5 each).
         flip_axes: Axes that may be flipped. In the canonical RAS frame axis 0 is right-left,
             1 posterior-anterior, 2 inferior-superior; anatomy is rarely mirrored along 1 or 2,
@@ -74,6 +78,7 @@ class AugmentConfig:
     """
 
     foreground_fraction: float = 1.0 / 3.0
+    balanced_foreground: bool = False
     flip: bool = True
     flip_axes: tuple[int, ...] = (0, 1, 2)
     mirror_pairs: tuple[tuple[int, int], ...] = ()
@@ -145,7 +150,11 @@ def _pad_to(
 
 
 def sample_patch(
-    case: SegCase, patch: Sequence[int], rng: np.random.Generator, foreground: bool
+    case: SegCase,
+    patch: Sequence[int],
+    rng: np.random.Generator,
+    foreground: bool,
+    balanced: bool = False,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
     """Crop one ``patch``-sized ``(image, label)`` pair, centred on foreground when asked.
 
@@ -155,6 +164,8 @@ def sample_patch(
         rng: Generator.
         foreground: Centre on a random voxel with a label ``1..n`` (falls back to uniform when
             the case has none).
+        balanced: With ``foreground``, first draw one of the labels present in the case
+            uniformly, then a voxel of it.
 
     Returns:
         ``(image, label)``, each of shape ``patch``.
@@ -163,7 +174,12 @@ def sample_patch(
     shape = np.array(image.shape)
     size = np.array(patch)
     if foreground:
-        fg = np.flatnonzero((label > 0) & (label != IGNORE))
+        if balanced:
+            values = [int(v) for v in np.unique(label) if 0 < v != IGNORE]
+            chosen = values[int(rng.integers(len(values)))] if values else None
+            fg = np.flatnonzero(label == chosen) if chosen is not None else np.empty(0, int)
+        else:
+            fg = np.flatnonzero((label > 0) & (label != IGNORE))
         if fg.size:
             centre = np.array(np.unravel_index(fg[rng.integers(fg.size)], label.shape))
             start = np.clip(centre - size // 2, 0, shape - size)
@@ -288,7 +304,7 @@ def make_batch(
         rng = case_rng(seed, step, b)
         case = cases[int(rng.integers(len(cases)))]
         fg = rng.random() < config.foreground_fraction
-        img, lab = sample_patch(case, patch, rng, fg)
+        img, lab = sample_patch(case, patch, rng, fg, config.balanced_foreground)
         img, lab, flipped = augment(img, lab, rng, config)
         mirrored.append(flipped)
         images.append(img)

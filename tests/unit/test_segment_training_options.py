@@ -262,3 +262,23 @@ def test_dynunet_baseline_trains_and_runs_in_the_pipeline(tmp_path: Path) -> Non
     )
     result = run_pipeline({"image": image}, params, no_progress, models_root=out)
     assert result.label_maps["segmentation"].shape == image.shape
+
+
+def test_balanced_foreground_centres_small_organs_as_often_as_large_ones() -> None:
+    from models.training.segment_data import sample_patch
+
+    label = np.zeros((40, 40, 40), np.uint8)
+    label[2:30, 2:30, 2:30] = 1  # large organ
+    label[35:37, 35:37, 35:37] = 2  # 8 voxels
+    case = SegCase("sizes", np.zeros(label.shape, np.float32), label)
+
+    def small_share(balanced: bool) -> float:
+        hits = 0
+        for n in range(200):
+            _, lab = sample_patch(case, (8, 8, 8), np.random.default_rng(n), True, balanced)
+            hits += bool(np.any(lab == 2))
+        return hits / 200
+
+    plain, balanced = small_share(False), small_share(True)
+    assert plain < 0.05, plain
+    assert 0.35 < balanced < 0.65, balanced
