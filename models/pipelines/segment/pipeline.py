@@ -14,8 +14,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from models.devices import resolve_device
@@ -29,11 +31,16 @@ from models.pipelines.segment.geometry import (
     reorientation,
 )
 from models.pipelines.segment.inference import (
+    BODY_HU,
+    BODY_MARGIN_MM,
+    Box,
+    body_box,
     check_extent,
     fill_holes,
     largest_component,
+    network_box,
     normalise,
-    predict_labels,
+    predict_classes,
     resample_image,
 )
 from models.pipelines.segment.networks import FinalOutput, load_network
@@ -68,28 +75,68 @@ def segment_volume(
 ) -> tuple[LabelMap, dict[str, object]]:
     """Segment one volume with a loaded model.
 
+    For a CT model with ``params.crop_body``, the body's bounding box is found on the
+    canonical HU image (:func:`~models.pipelines.segment.inference.body_box`: > -500 HU,
+    opened, 10 mm margin) and inference runs only on the network-grid voxels those canonical
+    voxels read their labels from; every other voxel is background (0). The image is
+    normalised in chunks into one float32 array (no further full-size float copy when the
+    network grid is the canonical grid, where only the box is normalised), and the logits are
+    streamed (never a full ``(C, D0, D1, D2)`` buffer).
+
     Args:
         image: Source volume, ``array[k, j, i]``, affine ``(k, j, i, 1)`` -> LPS mm; CT in HU.
         card: The model's card (canonical frame, spacing, intensity, window, labels).
         network: The loaded network on its device.
-        params: Overlap, sw_batch, bf16 and postprocessing flags.
+        params: Overlap, sw_batch, bf16, body cropping and postprocessing flags.
         progress: Progress callback.
 
     Returns:
         ``(label_map, facts)``: the label map on exactly ``image``'s grid (shape, affine, frame
-        of reference) with the card's labels, and JSON-compatible facts about the grids.
+        of reference) with the card's labels, and JSON-compatible facts about the grids
+        (``body_crop``: whether it applied, and the boxes as ``[start, stop)`` voxel indices
+        per axis of the canonical and the network grid).
     """
     device = next(network.parameters(), torch.zeros(())).device.type
     reo = reorientation(image.affine, card.orientation)
-    canonical = reo.apply(image.array)
+    canonical = reo.apply(image.array)  # a view, canonical axis order
     canon_affine = reo.affine(image.affine, image.shape)
     canon_spacing = tuple(float(s) for s in np.linalg.norm(canon_affine[:3, :3], axis=0))
     net_shape = network_shape(canonical.shape, canon_spacing, card.spacing_mm)
     padded = check_extent(net_shape, card.patch_size)
     progress(0.1, "preprocess")
-    x = resample_image(normalise(canonical, card.intensity), net_shape, device)
+    full: Box = ((0, net_shape[0]), (0, net_shape[1]), (0, net_shape[2]))
+    box, crop_facts = full, None
+    if not params.crop_body:
+        crop_facts = {"applied": False, "reason": "crop_body is off"}
+    elif card.modality != "CT":
+        crop_facts = {"applied": False, "reason": f"{card.modality} model (crop is CT only)"}
+    else:
+        body = body_box(canonical, (canon_spacing[0], canon_spacing[1], canon_spacing[2]))
+        if body is None:
+            crop_facts = {"applied": False, "reason": f"no voxel above {BODY_HU:g} HU"}
+        else:
+            box = network_box(body, canonical.shape, net_shape, card.patch_size)
+            crop_facts = {
+                "applied": True,
+                "threshold_hu": BODY_HU,
+                "margin_mm": BODY_MARGIN_MM,
+                "canonical_box": [list(b) for b in body],
+                "network_box": [list(b) for b in box],
+                "network_fraction": round(
+                    float(np.prod([b - a for a, b in box]) / np.prod(net_shape)), 4
+                ),
+            }
+    inner = tuple(slice(a, b) for a, b in box)
+    if tuple(canonical.shape) == net_shape:  # no resampling: normalise only the box
+        inside = normalise(canonical[inner], card.intensity)
+        x = resample_image(inside, (inside.shape[0], inside.shape[1], inside.shape[2]), device)
+        del inside
+    else:
+        x = resample_image(normalise(canonical, card.intensity), net_shape, device)
+        if box != full:
+            x = x[(slice(None), slice(None), *inner)].contiguous()
     progress(0.2, "inference")
-    classes = predict_labels(
+    classes_box = predict_classes(
         x,
         network,
         card.patch_size,
@@ -97,9 +144,16 @@ def segment_volume(
         sw_batch=params.sw_batch,
         bf16=params.bf16,
     )
+    del x
     progress(0.85, "invert")
-    dtype = np.uint8 if card.n_classes <= 256 else np.uint16
-    labels = reo.invert(nearest_back(classes.astype(dtype), canonical.shape))
+    classes: npt.NDArray[np.integer[Any]] = classes_box  # uint8 (<= 256 classes) or uint16
+    if box != full:
+        classes = np.zeros(net_shape, dtype=classes_box.dtype)
+        classes[inner] = classes_box
+    del classes_box
+    if tuple(canonical.shape) != net_shape:
+        classes = nearest_back(classes, canonical.shape)
+    labels = reo.invert(classes)
     if params.largest_component:
         labels = largest_component(labels)
     if params.fill_holes:
@@ -112,6 +166,7 @@ def segment_volume(
         "network_grid_shape": list(net_shape),
         "network_grid_spacing_mm": [float(s) for s in np.linalg.norm(net_affine[:3, :3], axis=0)],
         "padded_to_window": padded,
+        "body_crop": crop_facts,
     }
     return label_map, facts
 
