@@ -541,7 +541,9 @@ def memory(args: argparse.Namespace) -> None:
             while baseline_estimate_gb(run_size, 11) + 2.0 > available and run_size[2] > 96:
                 run_size = (run_size[0], run_size[1], max(96, run_size[2] // 2))
             if baseline_estimate_gb(run_size, 11) + 2.0 > available:
-                rows.append((method, size, None, f"not run: {available:.1f} GB available"))
+                rows.append(
+                    (method, size, None, f"not run: ~{estimate:.1f} GB, {available:.1f} available")
+                )
                 continue
             if run_size != size:
                 note = (
