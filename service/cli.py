@@ -19,6 +19,7 @@ from models.registry import all_specs, get_spec
 from service.cli_dicom import add_dicom_commands
 from service.cli_pacs import add_pacs_commands
 from service.cli_service import add_service_commands
+from service.cli_simulate import add_simulate_commands
 from service.cli_train import add_dataset_commands, add_train_commands
 
 log = logging.getLogger("voxelgate")
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pacs_commands(sub)
     add_train_commands(sub)
     add_dataset_commands(sub)
+    add_simulate_commands(sub)
     return parser
 
 
