@@ -148,11 +148,13 @@ _SPECS: tuple[PipelineSpec, ...] = (
     ),
     PipelineSpec(
         name="segment",
-        version="0.1.0",
+        version="1.0.0",
         summary=(
-            "3D segmentation with an installed model (3D U-Net or UNet++, chosen by its card): "
-            "canonical orientation, card spacing, Gaussian sliding window, labels returned "
-            "nearest-neighbour onto the input grid; no model is shipped yet."
+            "3D segmentation with an installed model (3D U-Net, UNet++ or DynUNet, chosen by "
+            "its card): canonical orientation, card spacing, CT body crop, Gaussian sliding "
+            "window streamed in bf16, labels returned nearest-neighbour onto the input grid. "
+            "Ships head-neck-oars-unet3d (default) and head-neck-oars-unetpp: 7 head-and-neck "
+            "organs at risk on CT, trained on OpenKBP (validation mean Dice 0.62 and 0.37)."
         ),
         inputs=(InputSpec("image", ("CT", "MR", "OT"), "a CT (HU) or MR volume, any orientation"),),
         outputs=("segmentation",),
@@ -160,6 +162,7 @@ _SPECS: tuple[PipelineSpec, ...] = (
         params_model=SegmentParams,
         factory="models.pipelines.segment.pipeline:run",
         model_card="segment.md",
+        weights="weights/segment/head-neck-oars-unet3d/model.pt",
         time_limit_s=3600,
     ),
 )

@@ -8,7 +8,7 @@ pipeline must:
 * return outputs named in its registry record, each on the input grid (shape, affine, frame of
   reference) for an image input;
 * stamp provenance with its own name, version and weights hash (the registry's when it has
-  weights, the model card's for ``segment``);
+  weights: for ``segment`` that of its default model, which the run picks);
 * report progress as non-decreasing fractions in [0, 1] that end at 1, and stop with
   :class:`~models.errors.Cancelled` when the callback raises it;
 * return JSON-compatible measurements and uint8 RGB figures.
@@ -83,7 +83,6 @@ def test_pipeline_contract(spec: Any, image: Volume) -> None:
     assert (prov.pipeline, prov.version) == (spec.name, spec.version)
     if spec.weights is not None:
         assert prov.weights_sha256 == spec.weights_sha256()
-    elif spec.name == "segment":
         assert len(prov.weights_sha256) == 64
     else:
         assert prov.weights_sha256 == "none"

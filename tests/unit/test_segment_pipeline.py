@@ -246,13 +246,17 @@ def test_sha256_mismatch_and_channel_mismatch_are_refused(trained, tmp_path):
 
 
 def test_unknown_or_missing_model_is_refused_listing_installed(trained, tmp_path):
-    with pytest.raises(InvalidParameters, match=r"'head-neck-oars' is not installed.*: none"):
+    with pytest.raises(
+        InvalidParameters,
+        match=r"'head-neck-oars' is not installed \(did you mean 'head-neck-oars-unet(3d|pp)'\?\)"
+        r".*: head-neck-oars-unet3d, head-neck-oars-unetpp",
+    ):
         validate_params(get_spec("segment"), {"model": "head-neck-oars"})
     root = _install(tmp_path, trained["state_dict"]).parent
     with pytest.raises(ValueError, match=r"did you mean 'tiny-shapes'\?.*: tiny-shapes"):
         SegmentParams.model_validate({"model": "tiny-shape"}, context={"models_root": root})
     image, _ = _oblique_case()
-    with pytest.raises(InputRejected, match="no segmentation model is shipped yet"):
+    with pytest.raises(InputRejected, match="no segmentation model in this folder"):
         run({"image": image}, SegmentParams(), no_progress, models_root=tmp_path / "empty")
     with pytest.raises(InputRejected, match="segments CT images, the input is MR"):
         _segment(root, Volume(image.array, image.affine, modality="MR"))

@@ -36,7 +36,7 @@ MODELS_ROOT = Path(__file__).resolve().parents[2] / "weights" / "segment"
 
 CARD_FILE = "card.json"
 
-DEFAULT_MODEL = "head-neck-oars-unetpp"
+DEFAULT_MODEL = "head-neck-oars-unet3d"
 """The model used when ``model`` is unset and it is installed (the shipped model with the best
 validation Dice; see ``models/cards/segment.md``)."""
 
@@ -468,7 +468,7 @@ def resolve_model(name: str | None, root: Path = MODELS_ROOT) -> str:
             + (
                 ""
                 if installed
-                else " (no segmentation model is shipped yet; install one as "
+                else " (no segmentation model in this folder; install one as "
                 "<models root>/<name>/card.json + weights)"
             )
         )

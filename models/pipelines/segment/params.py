@@ -29,8 +29,9 @@ class SegmentParams(BaseModel):
 
     ``model`` names an installed model (``models/weights/segment/<model>/card.json``); its card
     fixes the network, orientation, spacing, intensity handling, window and labels. Left unset,
-    the only installed model is used; the run is refused when none or several are installed
-    (none are shipped yet). A named model that is not installed is refused here, listing the
+    :data:`~models.pipelines.segment.card.DEFAULT_MODEL` is used when installed (the shipped
+    ``head-neck-oars-unet3d``), else the only installed model; the run is refused when none or
+    several others are installed. A named model that is not installed is refused here, listing the
     installed ones.
     """
 
