@@ -20,6 +20,12 @@ Modules (import the one you need; this package imports nothing heavy by itself):
   (GPLv3, never imported unless asked for).
 * :mod:`models.physics.lowdose`: HU <-> linear attenuation conversion, Poisson low-dose
   simulation with correlated (FBP-shaped) noise, and a body mask for metrics.
+* :mod:`models.physics.cbct`: CBCT simulated from a CT volume (issue 7):
+  :func:`~models.physics.cbct.simulate_cbct` with its parameters in
+  :mod:`~models.physics.cbct_params` (geometry, artefacts, ``random_artefacts(seed)``), the
+  LPS <-> RTK geometry and field of view in :mod:`~models.physics.cbct_geometry`, detector-side
+  physics (scatter, cupping, noise) in :mod:`~models.physics.cbct_detector`, and the RTK (ITK)
+  cone-beam projector and FDK in :mod:`~models.physics.cbct_rtk`, the only module importing ITK.
 
 Units used throughout: images of linear attenuation in 1/mm, images in HU for CT slices,
 lengths in mm, sinograms of line integrals (dimensionless, mm x 1/mm), angles in radians.
