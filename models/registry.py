@@ -47,11 +47,14 @@ class InputSpec:
         name: Key in the ``inputs`` mapping.
         modalities: Accepted DICOM modalities (e.g. ``("CT", "MR")``).
         description: What the input must be.
+        required: False for an optional input (e.g. a reference for evaluation); the first
+            input of every pipeline is required.
     """
 
     name: str
     modalities: tuple[str, ...]
     description: str
+    required: bool = True
 
 
 @dataclass(frozen=True)

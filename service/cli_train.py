@@ -82,14 +82,44 @@ def cmd_dataset_openkbp(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset_cbct_pairs(args: argparse.Namespace) -> int:
+    """Simulate CBCT from each OpenKBP CT and write the pair dataset (resumable)."""
+    import json
+
+    from workers.cbct_pairs import build_pairs
+
+    dataset = build_pairs(
+        Path(args.src),
+        Path(args.out),
+        projections=args.projections,
+        jobs=args.jobs,
+        threads=args.threads,
+        limit=args.limit,
+        log=None if args.quiet else print,
+    )
+    print(json.dumps({k: len(dataset[k]) for k in ("training", "validation", "excluded")}))
+    return 0
+
+
 def add_dataset_commands(sub: Any) -> None:
-    """Register ``dataset openkbp`` (training data descriptions from ../shared/data)."""
+    """Register ``dataset openkbp`` and ``dataset cbct-pairs`` (data from ../shared/data)."""
     p_ds = sub.add_parser("dataset", help="write a training dataset description")
     dsub = p_ds.add_subparsers(dest="dataset", required=True)
     p = dsub.add_parser("openkbp", help="OpenKBP head-and-neck OARs -> segment dataset JSON")
     p.add_argument("--src", default=str(DEFAULT_DATA / "openkbp"), help="OpenKBP folder")
     p.add_argument("--out", required=True, help="dataset JSON to write")
     p.set_defaults(func=cmd_dataset_openkbp)
+    p = dsub.add_parser(
+        "cbct-pairs", help="simulated CBCT / real CT pairs from OpenKBP (cbct-to-sct training)"
+    )
+    p.add_argument("--src", default=str(DEFAULT_DATA / "openkbp"), help="OpenKBP folder")
+    p.add_argument("--out", required=True, help="output folder (pairs + dataset.json)")
+    p.add_argument("--projections", type=int, default=180, help="projections per scan")
+    p.add_argument("--jobs", type=int, default=1, help="simulation processes")
+    p.add_argument("--threads", type=int, default=1, help="ITK threads per process")
+    p.add_argument("--limit", type=int, default=0, help="first K cases per split (0: all)")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_dataset_cbct_pairs)
 
 
 def add_train_commands(sub: Any) -> None:
