@@ -1,5 +1,8 @@
 """The ``voxelgate`` command line: list pipelines, run one on a file or folder.
 
+``voxelgate run PIPELINE INPUT OUT`` runs on one input; a pipeline's other inputs are given by
+name, ``--input reference=PATH`` (or ``--reference PATH``).
+
 Errors are translated here once: a :class:`VoxelgateError` prints one line naming the problem
 and exits with status 2; nothing half-written is left behind (outputs appear atomically).
 """
@@ -21,6 +24,7 @@ from service.cli_pacs import add_pacs_commands
 from service.cli_service import add_service_commands
 from service.cli_simulate import add_simulate_commands
 from service.cli_train import add_dataset_commands, add_train_commands
+from service.jobs.inputs import describe_inputs
 
 log = logging.getLogger("voxelgate")
 
@@ -37,6 +41,28 @@ def parse_param(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def parse_inputs(pairs: Sequence[str], reference: str | None = None) -> dict[str, Path]:
+    """Parse repeated ``--input NAME=PATH`` (and the ``--reference PATH`` shorthand).
+
+    Only the syntax is checked here; the names are checked against the pipeline's inputs by
+    the runner before anything is read.
+
+    Raises:
+        InvalidParameters: Not ``NAME=PATH``, or a name given twice.
+    """
+    items = [*pairs, *([f"reference={reference}"] if reference is not None else [])]
+    inputs: dict[str, Path] = {}
+    for text in items:
+        name, sep, path = text.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            raise InvalidParameters(f"input {text!r} is not NAME=PATH")
+        if name in inputs:
+            raise InvalidParameters(f"input {name!r} is given twice")
+        inputs[name] = Path(path)
+    return inputs
+
+
 def _cmd_pipelines(args: argparse.Namespace) -> int:
     if args.name:
         spec = get_spec(args.name)
@@ -46,6 +72,7 @@ def _cmd_pipelines(args: argparse.Namespace) -> int:
                     "name": spec.name,
                     "version": spec.version,
                     "queue": spec.queue,
+                    "inputs": describe_inputs(spec),
                     "parameters": spec.params_model.model_json_schema(),
                 },
                 indent=2,
@@ -70,6 +97,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         params,
         args.series_uid,
         args.allow_missing_study_uid,
+        extra_inputs=parse_inputs(args.inputs, args.reference),
     )
     with tqdm(total=100, unit="%", disable=args.quiet, file=sys.stderr) as bar:
 
@@ -108,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_run.add_argument("output_dir")
     p_run.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE")
+    p_run.add_argument(
+        "--input",
+        "-i",
+        dest="inputs",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="another input of the pipeline by name (e.g. reference=planning_ct/), same formats "
+        "as INPUT, one series; repeatable ('voxelgate pipelines NAME' lists its inputs)",
+    )
+    p_run.add_argument("--reference", metavar="PATH", help="shorthand for --input reference=PATH")
     p_run.add_argument("--series-uid", help="series to use when the input holds several")
     p_run.add_argument(
         "--allow-missing-study-uid",

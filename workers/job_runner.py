@@ -86,6 +86,10 @@ def _execute(settings: Settings, claim: Claim, progress: JobProgress) -> None:
         input_path = series_input_path(session, blobs, series)
         study = session.get(Study, series.study_id)
         derived_study_uid = study.study_instance_uid if study and study.uid_derived else None
+        extra_inputs = {  # the same loader reads them (their stored folder or NIfTI file)
+            name: series_input_path(session, blobs, get_series(session, claim.tenant_id, sid))
+            for name, sid in claim.inputs.items()
+        }
     out_dir = blobs.attempt_dir(claim.job_id, claim.token)
     job = LocalJob(
         claim.pipeline,
@@ -98,6 +102,7 @@ def _execute(settings: Settings, claim: Claim, progress: JobProgress) -> None:
         # study, so every result of the same source lands in one study (store and PACS).
         allow_missing_study_uid=True,
         study_uid=derived_study_uid,
+        extra_inputs=extra_inputs,
     )
     try:
         record = run_local(job, progress)

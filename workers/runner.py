@@ -1,21 +1,29 @@
-"""Run one pipeline on one input: load -> validate -> compute -> write outputs atomically.
+"""Run one pipeline on its inputs: load -> validate -> compute -> write outputs atomically.
 
-Used by the CLI now and by the queue workers later; it holds no transport-specific logic.
+Used by the CLI and by the queue workers; it holds no transport-specific logic. The main input
+(the pipeline's first InputSpec) gives the geometry and DICOM template of the outputs; extra
+inputs (:mod:`service.jobs.inputs`, e.g. a ``reference`` CT) are read by the same loader, checked
+against their InputSpec and passed to the pipeline under their names. Every input's series UID
+ends up in the provenance's ``input_uids``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from models.errors import InputRejected, PipelineFailed, VoxelgateError
 from models.registry import PipelineSpec, all_specs, get_spec, load_pipeline, validate_params
 from models.result import ProgressCallback, Result
+from models.sinogram import Sinogram
+from models.volume import Volume
 from service.io.outputs import write_outputs
 from service.io.read_any import read_volume
 from service.io.sinogram import find_bundle_json, read_sinogram
+from service.jobs.inputs import check_extra_modality, check_extra_names
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,9 @@ class LocalJob:
         allow_missing_study_uid: Accept DICOM with an empty StudyInstanceUID.
         study_uid: StudyInstanceUID for the derived DICOM outputs when the source's is empty
             (the store's derived UID); ``None``: a new one is generated then.
+        extra_inputs: The pipeline's other inputs by name (e.g. ``{"reference": path}``), any
+            format :func:`~service.io.read_any.read_volume` reads, one series each. Nothing is
+            derived from them, so an empty StudyInstanceUID is accepted there.
     """
 
     pipeline: str
@@ -41,6 +52,7 @@ class LocalJob:
     series_uid: str | None = None
     allow_missing_study_uid: bool = False
     study_uid: str | None = None
+    extra_inputs: Mapping[str, Path] = field(default_factory=dict)
 
 
 def _check_modality(spec: PipelineSpec, modality: str) -> None:
@@ -60,6 +72,7 @@ def run_local(job: LocalJob, progress: ProgressCallback) -> dict[str, Any]:
     """
     spec = get_spec(job.pipeline)
     params = validate_params(spec, job.params)
+    check_extra_names(spec, job.extra_inputs)
     if Path(job.input_path).exists() and find_bundle_json(job.input_path) is not None:
         return _run_sinogram(spec, params, job, progress)
     loaded = read_volume(job.input_path, job.series_uid, job.allow_missing_study_uid)
@@ -67,20 +80,65 @@ def run_local(job: LocalJob, progress: ProgressCallback) -> dict[str, Any]:
     if job.study_uid and template is not None and not str(template.get("StudyInstanceUID", "")):
         template.StudyInstanceUID = job.study_uid
     _check_modality(spec, loaded.volume.modality)
-    result = _compute(spec, {spec.inputs[0].name: loaded.volume}, params, progress)
+    inputs = {spec.inputs[0].name: loaded.volume, **_read_extras(spec, job.extra_inputs)}
+    result = _compute(spec, inputs, params, progress)
     return write_outputs(result, job.output_dir, loaded.dicom)
+
+
+def _read_extras(spec: PipelineSpec, paths: Mapping[str, Path]) -> dict[str, Volume]:
+    """Read and check each extra input (names were checked before anything was read)."""
+    volumes = {}
+    for item in check_extra_names(spec, paths):
+        try:
+            volume = read_volume(paths[item.name], None, allow_missing_study_uid=True).volume
+        except InputRejected as exc:
+            raise InputRejected(f"input {item.name!r}: {exc}") from None
+        check_extra_modality(spec, item, volume.modality, f"{paths[item.name]}")
+        volumes[item.name] = volume
+    return volumes
+
+
+def _input_uid(value: Volume | Sinogram) -> str:
+    meta = value.meta or {}
+    return str(meta.get("series_instance_uid") or meta.get("source_file") or "")
+
+
+def _units_notes(inputs: Mapping[str, Any]) -> str:
+    """What the loaders noted about the inputs' units (e.g. a CT without HU calibration)."""
+    notes = [
+        f"input {name!r}: {value.meta['units_note']}"
+        for name, value in inputs.items()
+        if isinstance(value, Volume) and value.meta.get("units_note")
+    ]
+    return "; ".join(notes)
 
 
 def _compute(
     spec: PipelineSpec, inputs: Mapping[str, Any], params: Any, progress: ProgressCallback
 ) -> Result:
+    """Run the pipeline; add every input's UID to the provenance.
+
+    An :class:`InputRejected` from the pipeline gets the loaders' units notes appended (so
+    "needs HU" names the series that has no Rescale Slope/Intercept), unless it says them.
+    """
     run = load_pipeline(spec)
     try:
-        return run(inputs, params, progress)
+        result = run(inputs, params, progress)
+    except InputRejected as exc:
+        notes = _units_notes(inputs)
+        if not notes or notes in str(exc):
+            raise
+        raise InputRejected(f"{exc} ({notes})") from exc
     except VoxelgateError:
         raise
     except Exception as exc:  # translate once: any unexpected error is a failed pipeline
         raise PipelineFailed(f"{spec.name} failed: {type(exc).__name__}: {exc}") from exc
+    uids = list(result.provenance.input_uids)
+    uids += [u for u in map(_input_uid, inputs.values()) if u and u not in uids]
+    if uids == result.provenance.input_uids:
+        return result
+    provenance = dataclasses.replace(result.provenance, input_uids=uids)
+    return dataclasses.replace(result, provenance=provenance)
 
 
 def _run_sinogram(
@@ -93,5 +151,6 @@ def _run_sinogram(
             f"{', '.join(takers) or 'no pipeline'}"
         )
     sinogram = read_sinogram(job.input_path)
-    result = _compute(spec, {"sinogram": sinogram}, params, progress)
+    inputs = {"sinogram": sinogram, **_read_extras(spec, job.extra_inputs)}
+    result = _compute(spec, inputs, params, progress)
     return write_outputs(result, job.output_dir, None)

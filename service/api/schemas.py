@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 _EXAMPLE_SERIES = "3f2c9a8e5b6d4c1a9e7f0b2d4c6a8e1f"
+_EXAMPLE_REFERENCE = "9a1b7c3d5e2f4a6b8c0d1e3f5a7b9c2d"
+
+InputName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+SeriesId = Annotated[str, StringConstraints(min_length=1, max_length=32)]
+ExtraInputs = Annotated[
+    dict[InputName, SeriesId],
+    Field(
+        default_factory=dict,
+        max_length=8,
+        description="the pipeline's other inputs by name -> stored series id, e.g. "
+        '{"reference": "<series id>"} (GET /pipelines lists each input and whether it is '
+        "optional); the main input is series_id / study_id",
+    ),
+]
 
 
 class _OneTarget(BaseModel):
-    """Exactly one of ``series_id`` and ``study_id``."""
+    """Exactly one of ``series_id`` and ``study_id`` (the main input), and any extra inputs."""
 
     series_id: str | None = Field(None, max_length=32, description="input series id")
     study_id: str | None = Field(None, max_length=32, description="input study id")
+    inputs: ExtraInputs
 
     @model_validator(mode="after")
     def _one_target(self) -> _OneTarget:
@@ -34,7 +49,13 @@ class JobRequest(_OneTarget):
                     "pipeline": "zeroshot-denoise",
                     "params": {"max_iterations": 300},
                     "priority": 5,
-                }
+                },
+                {
+                    "series_id": _EXAMPLE_SERIES,
+                    "inputs": {"reference": _EXAMPLE_REFERENCE},
+                    "pipeline": "cbct-to-sct",
+                    "params": {},
+                },
             ]
         },
     )
@@ -58,7 +79,10 @@ class CohortRequest(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "items": [{"study_id": _EXAMPLE_SERIES}, {"series_id": _EXAMPLE_SERIES}],
+                    "items": [
+                        {"study_id": _EXAMPLE_SERIES},
+                        {"series_id": _EXAMPLE_SERIES, "inputs": {"reference": _EXAMPLE_REFERENCE}},
+                    ],
                     "pipeline": "zeroshot-denoise",
                     "params": {},
                     "priority": 3,

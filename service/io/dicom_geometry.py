@@ -64,6 +64,8 @@ class _Slice:
     intercept: float
     rescale_type: str
     frame_of_reference_uid: str
+    has_rescale: bool = True
+    """Whether RescaleSlope was present (else slope 1, intercept 0 were assumed)."""
 
 
 def _floats(value: Any, n: int, label: str, name: str) -> npt.NDArray[np.float64]:
@@ -94,8 +96,8 @@ def _functional_item(ds: Dataset, frame: int, sequence: str) -> Dataset | None:
     return None
 
 
-def _rescale(item: Dataset | None, ds: Dataset, label: str) -> tuple[float, float, str]:
-    """Rescale slope, intercept and type from a functional-group item or the top level."""
+def _rescale(item: Dataset | None, ds: Dataset, label: str) -> tuple[float, float, str, bool]:
+    """Rescale slope, intercept, type and whether present, from a functional group or the top."""
     for holder in (item, ds):
         if holder is not None and "RescaleSlope" in holder:
             try:
@@ -105,10 +107,10 @@ def _rescale(item: Dataset | None, ds: Dataset, label: str) -> tuple[float, floa
                 raise InputRejected(f"{label}: non-numeric RescaleSlope/Intercept") from exc
             if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0.0:
                 raise InputRejected(f"{label}: invalid rescale slope/intercept")
-            return slope, intercept, _str(holder, "RescaleType")
+            return slope, intercept, _str(holder, "RescaleType"), True
     if "ModalityLUTSequence" in ds:
         raise InputRejected(f"{label}: Modality LUT Sequence is not supported (only rescale)")
-    return 1.0, 0.0, ""
+    return 1.0, 0.0, "", False
 
 
 def _require(holder: Dataset | None, keyword: str, label: str) -> Any:
@@ -130,7 +132,7 @@ def _slice(
 ) -> _Slice:
     """Geometry of one frame from its (position, orientation, measures, transform) holders."""
     position, orientation, measures, transform = holders
-    slope, intercept, rescale_type = _rescale(transform, ds, label)
+    slope, intercept, rescale_type, has_rescale = _rescale(transform, ds, label)
     ipp = _require(position, "ImagePositionPatient", label)
     iop = _require(orientation, "ImageOrientationPatient", label)
     spacing = _require(measures, "PixelSpacing", label)
@@ -148,6 +150,7 @@ def _slice(
         intercept=intercept,
         rescale_type=rescale_type,
         frame_of_reference_uid=_str(ds, "FrameOfReferenceUID"),
+        has_rescale=has_rescale,
     )
 
 

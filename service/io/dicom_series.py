@@ -10,6 +10,13 @@ sorted and the affine built is described once, in :mod:`service.io.dicom_geometr
 Every unusable input raises :class:`~models.errors.InputRejected` with a message that names the
 file and the problem, never a patient identifier.
 
+Units: CT is read as HU (``units="HU"``) only when it is calibrated: every slice has
+RescaleSlope/RescaleIntercept (Type 1 in the CT Image module) and no RescaleType other than HU.
+A CT without them (seen in some CBCT exports) is loaded all the same, its stored values as
+float32, but with ``units=""``, ``meta["hu_calibrated"] = False`` and the reason in
+``meta["units_note"]``: pipelines that need HU refuse it, and the runner adds that reason to
+their message, instead of treating raw stored values as HU.
+
 The work is shared with :mod:`service.io.dicom_files` (sources, zip safety, file discovery),
 :mod:`service.io.dicom_geometry` (slice geometry, checks, affine) and
 :mod:`service.io.dicom_pixels` (pixel decoding and rescale).
@@ -192,12 +199,30 @@ def _study_uid(first: Dataset, label: str, allow_missing: bool) -> str:
     return uid
 
 
-def _units(modality: str, slices: list[_Slice]) -> str:
-    """``"HU"`` for CT unless a RescaleType other than HU is declared."""
+UNCALIBRATED_CT_NOTE = (
+    "the CT series has no Rescale Slope/Intercept: its values are stored pixel values, "
+    "not calibrated HU"
+)
+"""``meta["units_note"]`` of a CT Volume read from slices without RescaleSlope."""
+
+
+def _units(modality: str, slices: list[_Slice]) -> tuple[str, dict[str, Any]]:
+    """Units of the values and, for an uncalibrated CT, what the meta records about it.
+
+    CT is ``"HU"`` only when every slice has RescaleSlope/RescaleIntercept (the CT Image module
+    requires them) and no RescaleType other than HU is declared. Otherwise the units are ``""``,
+    and the meta gets ``hu_calibrated=False`` and ``units_note`` saying why, so that a pipeline
+    that needs HU refuses with that reason instead of computing on raw stored values.
+    """
     if modality != "CT":
-        return ""
+        return "", {}
+    if not all(s.has_rescale for s in slices):
+        return "", {"hu_calibrated": False, "units_note": UNCALIBRATED_CT_NOTE}
     types = {s.rescale_type.upper() for s in slices} - {""}
-    return "HU" if types <= {"HU"} else ""
+    if types <= {"HU"}:
+        return "HU", {}
+    note = f"the CT series declares RescaleType {'/'.join(sorted(types))}, not HU"
+    return "", {"hu_calibrated": False, "units_note": note}
 
 
 def _transfer_syntax(ds: Dataset) -> str:
@@ -229,7 +254,10 @@ def load_dicom_series(
     Returns:
         The :class:`DicomSeries`. ``volume.array`` has shape ``(n_slices, rows, columns)``;
         CT is float32 in HU (``units="HU"``), other modalities keep their stored integer type
-        when no rescale applies, else float32. ``volume.affine`` maps ``(k, j, i, 1)`` to LPS mm.
+        when no rescale applies, else float32.
+        ``volume.affine`` maps ``(k, j, i, 1)`` to LPS mm. A CT without RescaleSlope/Intercept
+        (or with a RescaleType other than HU) is float32 with ``units=""``,
+        ``meta["hu_calibrated"]=False`` and the reason in ``meta["units_note"]``.
 
     Raises:
         InputRejected: See the module docstring; among others several series without
@@ -258,11 +286,13 @@ def load_dicom_series(
     }
     if not study_uid:
         meta["study_uid_missing"] = True
+    units, calibration = _units(modality, ordered)
+    meta.update(calibration)
     volume = Volume(
         array=array,
         affine=_affine(ordered, first, normal),
         modality=modality,
-        units=_units(modality, ordered),
+        units=units,
         frame_of_reference_uid=ordered[0].frame_of_reference_uid,
         meta=meta,
     )

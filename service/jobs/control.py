@@ -13,7 +13,7 @@ from service.errors import Conflict, NotFound
 from service.jobs.lifecycle import TERMINAL, add_message, apply_update
 from service.jobs.queue import Doorbell
 from service.jobs.reaper import publish
-from service.jobs.submit import add_job
+from service.jobs.submit import add_job, resolve_inputs
 from service.settings import Settings
 from service.store.db import session_scope
 from service.store.studies import get_series
@@ -61,7 +61,7 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
 
 
 def retry_job(settings: Settings, tenant_id: str, job_id: str) -> str:
-    """Submit a new job with the same input, pipeline and parameters as a failed/cancelled one.
+    """Submit a new job with the same inputs, pipeline and parameters as a failed/cancelled one.
 
     The retry keeps the original's destinations (``deliver_to``) with fresh delivery rows.
 
@@ -70,7 +70,7 @@ def retry_job(settings: Settings, tenant_id: str, job_id: str) -> str:
 
     Raises:
         Conflict: The job is queued, running or succeeded.
-        NotFound: The job, or its input series (deleted study), is gone.
+        NotFound: The job, or one of its input series (deleted study), is gone.
     """
     with session_scope(settings.resolved_database_url) as session:
         job = get_job(session, tenant_id, job_id)
@@ -90,6 +90,7 @@ def retry_job(settings: Settings, tenant_id: str, job_id: str) -> str:
             job.cohort_id,
             job.id,
             job.deliver_to,
+            resolve_inputs(session, tenant_id, spec, job.inputs or {}),
         )
         if job.deliver_to:  # the retry delivers where the original would have
             add_rows_for_jobs(session, settings, [new.id], job.deliver_to)
@@ -117,6 +118,7 @@ def job_view(job: Job) -> dict[str, Any]:
         "priority": job.priority,
         "queue": job.queue,
         "series_id": job.series_id,
+        "inputs": dict(job.inputs or {}),
         "cohort_id": job.cohort_id,
         "retry_of": job.retry_of,
         "attempts": job.attempts,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast, get_args
 
 from sqlalchemy import CursorResult, Update, select, update
@@ -59,6 +59,8 @@ class Claim:
         pipeline: Registry name.
         params: Raw parameters as submitted (validated again by the runner).
         attempt: 1 for the first run, 2 for the retry after a lost worker, ...
+        inputs: Extra inputs of the pipeline: input name -> series id (the main input is
+            ``series_id``).
     """
 
     job_id: str
@@ -68,6 +70,7 @@ class Claim:
     pipeline: str
     params: dict[str, Any]
     attempt: int
+    inputs: dict[str, str] = field(default_factory=dict)
 
 
 def _claimable_pipelines(queue: str, time_limit_s: int) -> list[str]:
@@ -130,6 +133,7 @@ def claim(settings: Settings, hint_job_id: str) -> Claim | None:
                         pipeline=job.pipeline,
                         params=dict(job.params),
                         attempt=job.attempts,
+                        inputs=dict(job.inputs or {}),
                     )
     return None
 

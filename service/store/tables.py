@@ -142,7 +142,8 @@ class Job(Base):
     """One pipeline run on one series; the source of truth for its state.
 
     ``state``: queued -> running -> succeeded | failed | cancelled. ``run_token`` names the
-    attempt that owns the job; only that attempt may finish it.
+    attempt that owns the job; only that attempt may finish it. ``series_id`` is the main input;
+    ``inputs`` the pipeline's extra inputs, ``{input name: series id}`` (e.g. a reference CT).
     """
 
     __tablename__ = "jobs"
@@ -153,6 +154,7 @@ class Job(Base):
         ForeignKey("cohorts.id"), nullable=True, index=True
     )
     series_id: Mapped[str] = mapped_column(ForeignKey("series.id"), index=True)
+    inputs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     retry_of: Mapped[str | None] = mapped_column(String(32), nullable=True)
     pipeline: Mapped[str] = mapped_column(String(64))
     pipeline_version: Mapped[str] = mapped_column(String(32))

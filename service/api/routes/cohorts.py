@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from service.api.deps import Principal, get_app_settings, get_principal, get_session
 from service.api.schemas import CohortRequest
 from service.jobs.cohorts import cohort_csv, cohort_rollup
-from service.jobs.submit import submit_cohort
+from service.jobs.submit import Target, submit_cohort
 from service.settings import Settings
 from service.store.db import session_scope
 
@@ -24,15 +24,17 @@ def submit(
     principal: Principal = Depends(get_principal),
     settings: Settings = Depends(get_app_settings),
 ) -> dict[str, Any]:
-    """Fan out one job per item; the whole cohort is refused if any item is invalid."""
+    """Fan out one job per item (each with its own extra inputs, e.g. its reference CT).
+
+    The whole cohort is refused if any item is invalid.
+    """
     cohort_id = submit_cohort(
         settings,
         principal.tenant_id,
         body.pipeline,
         body.params,
-        series_ids=[i.series_id for i in body.items if i.series_id],
-        study_ids=[i.study_id for i in body.items if i.study_id],
         priority=body.priority,
+        targets=[Target(i.series_id, i.study_id, i.inputs) for i in body.items],
     )
     with session_scope(settings.resolved_database_url) as session:
         principal.audit(

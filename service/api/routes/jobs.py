@@ -38,7 +38,12 @@ def submit(
     principal: Principal = Depends(get_principal),
     settings: Settings = Depends(get_app_settings),
 ) -> dict[str, Any]:
-    """Validate pipeline, parameters and input, persist the job, then queue it."""
+    """Validate pipeline, parameters and inputs, persist the job, then queue it.
+
+    Extra inputs (``inputs``: name -> series id) are checked like the main one: an unknown
+    name (422, with a did-you-mean), a series not found (404), a sinogram or a modality the
+    input does not accept (422).
+    """
     (job_id,) = submit_jobs(
         settings,
         principal.tenant_id,
@@ -47,6 +52,7 @@ def submit(
         series_ids=[body.series_id] if body.series_id else [],
         study_ids=[body.study_id] if body.study_id else [],
         priority=body.priority,
+        inputs=body.inputs,
     )
     with session_scope(settings.resolved_database_url) as session:
         principal.audit(session, "submit", "job", job_id, {"pipeline": body.pipeline})

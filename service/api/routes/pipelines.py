@@ -21,8 +21,14 @@ def spec_view(spec: PipelineSpec) -> dict[str, Any]:
         "summary": spec.summary,
         "queue": spec.queue,
         "inputs": [
-            {"name": i.name, "modalities": list(i.modalities), "description": i.description}
-            for i in spec.inputs
+            {
+                "name": i.name,
+                "modalities": list(i.modalities),
+                "description": i.description,
+                "required": i.required,
+                "main": n == 0,
+            }
+            for n, i in enumerate(spec.inputs)
         ],
         "outputs": list(spec.outputs),
         "time_limit_s": spec.time_limit_s,
