@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ValidationError
 
 from models.errors import InvalidParameters, UnknownPipeline
+from models.pipelines.cbct_to_sct.params import CBCTToSCTParams
 from models.pipelines.segment.params import SegmentParams
 from models.pipelines.sparse_view_ct.params import LEARNED_WEIGHTS, SparseViewCTParams
 from models.pipelines.zeroshot_denoise.params import ZeroShotDenoiseParams
@@ -166,6 +167,37 @@ _SPECS: tuple[PipelineSpec, ...] = (
         factory="models.pipelines.segment.pipeline:run",
         model_card="segment.md",
         weights="weights/segment/head-neck-oars-unet3d/model.pt",
+        time_limit_s=3600,
+    ),
+    PipelineSpec(
+        name="cbct-to-sct",
+        version="0.1.0",
+        summary=(
+            "Synthetic CT in HU from a cone-beam CT: identity, hu-calibration (quantile "
+            "matching of body HU to a reference distribution of OpenKBP training CTs) or the "
+            "learned network; field of view estimated from the CBCT and truncation flagged; "
+            "MAE/PSNR/SSIM (SynthRAD definitions) against an optional planning CT in the same "
+            "frame of reference."
+        ),
+        inputs=(
+            InputSpec(
+                "image",
+                ("CT",),
+                "a CBCT volume in HU (DICOM series with HU rescale, or NIfTI declared HU)",
+            ),
+            InputSpec(
+                "reference",
+                ("CT",),
+                "optional planning CT (same frame of reference) for evaluation",
+                required=False,
+            ),
+        ),
+        outputs=("sct", "body", "fov"),
+        queue="gpu",
+        params_model=CBCTToSCTParams,
+        factory="models.pipelines.cbct_to_sct.pipeline:run",
+        model_card="cbct_to_sct.md",
+        weights=None,
         time_limit_s=3600,
     ),
 )

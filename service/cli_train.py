@@ -101,8 +101,25 @@ def cmd_dataset_cbct_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset_hu_reference(args: argparse.Namespace) -> int:
+    """Write the body-voxel HU quantile table of ``cbct-to-sct`` hu-calibration."""
+    import json
+
+    from workers.hu_reference import run
+
+    summary = run(
+        Path(args.src),
+        Path(args.out),
+        threshold_hu=args.threshold,
+        limit=args.limit,
+        log=None if args.quiet else print,
+    )
+    print(json.dumps(summary))
+    return 0
+
+
 def add_dataset_commands(sub: Any) -> None:
-    """Register ``dataset openkbp`` and ``dataset cbct-pairs`` (data from ../shared/data)."""
+    """Register ``dataset openkbp``, ``cbct-pairs`` and ``hu-reference`` (../shared/data)."""
     p_ds = sub.add_parser("dataset", help="write a training dataset description")
     dsub = p_ds.add_subparsers(dest="dataset", required=True)
     p = dsub.add_parser("openkbp", help="OpenKBP head-and-neck OARs -> segment dataset JSON")
@@ -120,6 +137,20 @@ def add_dataset_commands(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=0, help="first K cases per split (0: all)")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_dataset_cbct_pairs)
+    p = dsub.add_parser(
+        "hu-reference",
+        help="body HU quantiles of the OpenKBP training CTs (cbct-to-sct hu-calibration)",
+    )
+    p.add_argument("--src", default=str(DEFAULT_DATA / "openkbp"), help="OpenKBP folder")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="JSON to write (shipped as models/weights/cbct_to_sct/hu_reference.json)",
+    )
+    p.add_argument("--threshold", type=float, default=-500.0, help="body threshold, HU")
+    p.add_argument("--limit", type=int, default=0, help="first K training cases (0: all)")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_dataset_hu_reference)
 
 
 def add_train_commands(sub: Any) -> None:

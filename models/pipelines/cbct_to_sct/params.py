@@ -1,0 +1,60 @@
+"""Parameters of ``cbct-to-sct`` (torch-free, used by the registry)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+LEARNED_WEIGHTS = "weights/cbct_to_sct/glfc/model.pt"
+"""Weights of the learned CBCT -> sCT network, relative to the ``models`` package."""
+
+HU_REFERENCE = "weights/cbct_to_sct/hu_reference.json"
+"""Reference body-voxel HU quantiles of ``hu-calibration``, relative to the ``models`` package
+(made by ``voxelgate dataset hu-reference`` from the OpenKBP training CTs only)."""
+
+Method = Literal["identity", "hu-calibration", "learned"]
+
+DEFAULT_METHOD: Method = "hu-calibration"
+"""``hu-calibration`` until the learned weights are shipped."""
+
+
+class CBCTToSCTParams(BaseModel):
+    """Validated parameters of CBCT -> synthetic CT.
+
+    ``identity`` returns the CBCT as it is (the baseline every method is compared with);
+    ``hu-calibration`` maps the CBCT's HU with one monotone piecewise-linear curve that matches
+    the quantiles of its body voxels to a reference CT distribution (shipped, never the
+    patient's own planning CT); ``learned`` runs the trained network.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Method = Field(
+        DEFAULT_METHOD,
+        description="identity: the CBCT unchanged; hu-calibration: histogram (quantile) "
+        "matching of the CBCT's body voxels to the shipped reference CT HU distribution; "
+        "learned: the trained network (refused while its weights are not shipped)",
+    )
+    body_threshold_hu: float = Field(
+        -500.0,
+        ge=-950.0,
+        le=0.0,
+        description="voxels above this HU count as body (largest connected component, holes "
+        "filled per axial slice): calibration, metrics and the body mask",
+    )
+    outside_fov: Literal["keep", "air"] = Field(
+        "air",
+        description="what the sCT holds outside the CBCT field of view: air (-1000 HU, the "
+        "CBCT measured nothing there) or keep (whatever the method produced from the padding)",
+    )
+    fov_padding_hu: float | None = Field(
+        None,
+        ge=-32768.0,
+        le=32767.0,
+        description="value the scanner wrote outside its reconstructed field of view; unset: "
+        "detected (the value every slice corner holds, if there is one)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="learned only: auto = CUDA when available, else CPU"
+    )
