@@ -83,7 +83,9 @@ def _simulate_case(task: dict[str, Any]) -> dict[str, Any]:
     result = simulate_cbct(ct, geometry, artefacts, seed=seed, threads=task["threads"])
     hu = np.clip(np.rint(result.volume.array), -1024, 3071).astype(np.int16)
     write_nifti(result.volume.with_array(hu), folder / "cbct.nii.gz")
-    write_nifti(result.fov_mask.with_array(result.fov_mask.array.astype(np.uint8)), folder / "fov.nii.gz")
+    write_nifti(
+        result.fov_mask.with_array(result.fov_mask.array.astype(np.uint8)), folder / "fov.nii.gz"
+    )
     tmp = facts_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result.facts, indent=1), encoding="utf-8")
     tmp.replace(facts_path)
