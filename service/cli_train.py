@@ -27,6 +27,23 @@ def cmd_train_segment(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_train_sct(args: argparse.Namespace) -> int:
+    """Train (or resume) the CBCT -> sCT network on simulated CBCT / real CT pairs."""
+    from workers.train_sct import run
+
+    return run(args)
+
+
+def _add_sct(tsub: Any) -> None:
+    from workers.train_sct import add_arguments
+
+    p = tsub.add_parser(
+        "cbct-to-sct", help="GLFC-style (or plain UNet) CBCT -> synthetic CT on simulated pairs"
+    )
+    add_arguments(p)
+    p.set_defaults(func=cmd_train_sct)
+
+
 def _add_segment(tsub: Any) -> None:
     p = tsub.add_parser("segment", help="3D U-Net / UNet++ segmentation on MSD-layout data")
     p.add_argument("--data", required=True, help="MSD folder (dataset.json) or a dataset JSON")
@@ -185,3 +202,4 @@ def add_train_commands(sub: Any) -> None:
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_train_sparse_view)
     _add_segment(tsub)
+    _add_sct(tsub)
