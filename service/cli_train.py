@@ -112,6 +112,7 @@ def cmd_dataset_cbct_pairs(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         threads=args.threads,
         limit=args.limit,
+        splits=tuple(args.splits.split(",")),
         log=None if args.quiet else print,
     )
     print(json.dumps({k: len(dataset[k]) for k in ("training", "validation", "excluded")}))
@@ -152,6 +153,9 @@ def add_dataset_commands(sub: Any) -> None:
     p.add_argument("--jobs", type=int, default=1, help="simulation processes")
     p.add_argument("--threads", type=int, default=1, help="ITK threads per process")
     p.add_argument("--limit", type=int, default=0, help="first K cases per split (0: all)")
+    p.add_argument(
+        "--splits", default="training,validation", help="splits to simulate, in this order"
+    )
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_dataset_cbct_pairs)
     p = dsub.add_parser(

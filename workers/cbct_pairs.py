@@ -50,6 +50,17 @@ def case_seed(case: str) -> int:
         raise InvalidParameters(f"case name {case!r} does not end in a number") from None
 
 
+def _entry(task: dict[str, Any]) -> dict[str, Any]:
+    """The dataset entry of one pair."""
+    folder = Path(task["folder"])
+    return {
+        "case": task["case"],
+        "ct": task["ct"],
+        "cbct": str(folder / "cbct.nii.gz"),
+        "fov": str(folder / "fov.nii.gz"),
+    }
+
+
 def _simulate_case(task: dict[str, Any]) -> dict[str, Any]:
     """Simulate one pair (runs in a worker process); returns its dataset entry."""
     from models.physics.cbct import CBCTGeometry, random_artefacts, simulate_cbct
@@ -57,12 +68,7 @@ def _simulate_case(task: dict[str, Any]) -> dict[str, Any]:
 
     folder = Path(task["folder"])
     facts_path = folder / "facts.json"
-    entry = {
-        "case": task["case"],
-        "ct": task["ct"],
-        "cbct": str(folder / "cbct.nii.gz"),
-        "fov": str(folder / "fov.nii.gz"),
-    }
+    entry = _entry(task)
     if facts_path.is_file():
         return entry
     folder.mkdir(parents=True, exist_ok=True)
@@ -100,6 +106,7 @@ def build_pairs(
     jobs: int = 1,
     threads: int = 1,
     limit: int = 0,
+    splits: tuple[str, ...] = ("training", "validation"),
     log: Any = None,
 ) -> dict[str, Any]:
     """Simulate every pair (skipping finished ones) and write ``OUT/dataset.json``.
@@ -111,6 +118,8 @@ def build_pairs(
         jobs: Worker processes (each imports RTK once, about 20 CPU-seconds).
         threads: ITK threads per process.
         limit: Only the first ``limit`` cases of each split (0: all).
+        splits: Splits to simulate, in this order (``"training"``, ``"validation"``); the
+            dataset lists the finished pairs of the others too.
         log: ``log(message)`` for progress lines, or ``None``.
 
     Returns:
@@ -120,7 +129,11 @@ def build_pairs(
         raise InvalidParameters("projections >= 8, jobs >= 1, threads >= 1, limit >= 0")
     source = build_dataset(src)
     tasks: dict[str, list[dict[str, Any]]] = {}
-    for split, folder_name in (("training", "train-pats"), ("validation", "validation-pats")):
+    folders = {"training": "train-pats", "validation": "validation-pats"}
+    unknown = set(splits) - set(folders)
+    if unknown:
+        raise InvalidParameters(f"unknown split(s) {sorted(unknown)}; known: {sorted(folders)}")
+    for split, folder_name in folders.items():
         cases = source[split][:limit] if limit else source[split]
         tasks[split] = [
             {
@@ -136,7 +149,11 @@ def build_pairs(
         ]
     entries: dict[str, list[dict[str, Any]]] = {"training": [], "validation": []}
     start = time.perf_counter()
-    flat = [(split, t) for split, ts in tasks.items() for t in ts]
+    flat = [(split, t) for split in splits for t in tasks[split]]
+    for split in set(folders) - set(splits):  # finished pairs of splits not simulated now
+        entries[split] = [
+            _entry(t) for t in tasks[split] if (Path(t["folder"]) / "facts.json").is_file()
+        ]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         for n, ((split, _), entry) in enumerate(
             zip(flat, pool.map(_simulate_case, [t for _, t in flat]), strict=True), start=1

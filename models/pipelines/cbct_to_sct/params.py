@@ -6,8 +6,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-LEARNED_WEIGHTS = "weights/cbct_to_sct/glfc/model.pt"
-"""Weights of the learned CBCT -> sCT network, relative to the ``models`` package."""
+NETWORK_WEIGHTS: dict[str, str] = {
+    "glfc": "weights/cbct_to_sct/glfc/model.pt",
+    "unet": "weights/cbct_to_sct/unet/model.pt",
+}
+"""Weights of the learned networks, relative to the ``models`` package: the GLFC-style UNet
+(selective-scan skips; the default) and the plain UNet of about the same size (the baseline of
+``benchmarks/sct.py``), both made by ``voxelgate train cbct-to-sct`` (see the model card)."""
+
+LEARNED_WEIGHTS = NETWORK_WEIGHTS["glfc"]
+"""Weights of the default learned network (the registry's weights record)."""
 
 HU_REFERENCE = "weights/cbct_to_sct/hu_reference.json"
 """Reference body-voxel HU quantiles of ``hu-calibration``, relative to the ``models`` package
@@ -54,6 +62,11 @@ class CBCTToSCTParams(BaseModel):
         le=32767.0,
         description="value the scanner wrote outside its reconstructed field of view; unset: "
         "detected (the value every slice corner holds, if there is one)",
+    )
+    network: Literal["glfc", "unet"] = Field(
+        "glfc",
+        description="learned only: glfc = the GLFC-style UNet with selective-scan (Mamba-2) "
+        "skip connections; unet = the plain UNet of about the same size (baseline)",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="learned only: auto = CUDA when available, else CPU"

@@ -37,7 +37,7 @@ from models.pipelines.cbct_to_sct.figures import difference_figure
 from models.pipelines.cbct_to_sct.fov import FieldOfView, estimate_fov
 from models.pipelines.cbct_to_sct.masks import axial_axis, body_mask
 from models.pipelines.cbct_to_sct.metrics import evaluation_mask, image_metrics, metric_definitions
-from models.pipelines.cbct_to_sct.params import HU_REFERENCE, LEARNED_WEIGHTS, CBCTToSCTParams
+from models.pipelines.cbct_to_sct.params import HU_REFERENCE, NETWORK_WEIGHTS, CBCTToSCTParams
 from models.pipelines.cbct_to_sct.reference import AlignedReference, align_reference
 from models.provenance import file_sha256
 from models.registry import provenance_for
@@ -88,10 +88,11 @@ def _learned(
     cbct: Volume, params: CBCTToSCTParams, progress: ProgressCallback
 ) -> tuple[npt.NDArray[np.float32], dict[str, Any], str]:
     """The learned network's sCT, its facts and the weights' sha256."""
-    weights = MODELS_DIR / LEARNED_WEIGHTS
+    relative = NETWORK_WEIGHTS[params.network]
+    weights = MODELS_DIR / relative
     if not weights.is_file():
         raise InputRejected(
-            f"method 'learned' needs the trained network ({LEARNED_WEIGHTS}), which is not "
+            f"method 'learned' needs the trained network ({relative}), which is not "
             "shipped yet; use method 'hu-calibration' or 'identity'"
         )
     from models.devices import resolve_device
