@@ -25,7 +25,7 @@ from models.pipelines.segment.inference import (
     body_box,
     network_box,
     normalise,
-    predict_labels,
+    predict_classes,
     resample_image,
 )
 from models.pipelines.segment.networks import FinalOutput
@@ -116,19 +116,36 @@ def test_streamed_slab_is_one_window_long(unet):
     np.testing.assert_array_equal(classes, _monai(x, unet, 0.5, "gaussian").argmax(0).numpy())
 
 
-def test_predict_labels_is_streamed_and_keeps_its_contract(unet):
+def test_predict_classes_equals_monai_gaussian_argmax(unet):
+    """The call the pipeline makes (``segment_volume``): streamed, Gaussian, cval = minimum."""
     x = torch.randn(1, 1, 24, 20, 30, generator=torch.Generator().manual_seed(2))
-    labels = predict_labels(x, unet, PATCH, overlap=0.5, sw_batch=2, bf16=False)
-    assert labels.dtype == np.uint16
+    labels = predict_classes(x, unet, PATCH, overlap=0.5, sw_batch=2, bf16=False)
+    assert labels.dtype == np.uint8  # 4 classes
     with torch.inference_mode():
         ref = sliding_window_inference(
             x, PATCH, 2, unet, overlap=0.5, mode="gaussian", cval=float(x.min())
         )
     assert isinstance(ref, torch.Tensor)
     np.testing.assert_array_equal(labels, ref[0].argmax(0).numpy())
-    bf16 = predict_labels(x, unet, PATCH, overlap=0.5, sw_batch=2, bf16=True)
+    bf16 = predict_classes(x, unet, PATCH, overlap=0.5, sw_batch=2, bf16=True)
     assert bf16.shape == labels.shape
     assert (bf16 == labels).mean() > 0.8  # a random network: many near-ties
+
+
+def test_predict_classes_uses_uint16_above_256_classes():
+    torch.manual_seed(6)
+    net = torch.nn.Conv3d(1, 300, 1).eval()  # pointwise: no dependence on the windows
+    x = torch.randn(1, 1, 10, 12, 20, generator=torch.Generator().manual_seed(7))
+    labels = predict_classes(x, net, PATCH, overlap=0.5, sw_batch=2, bf16=False)
+    assert labels.dtype == np.uint16
+    with torch.inference_mode():
+        ref = sliding_window_inference(
+            x, PATCH, 2, net, overlap=0.5, mode="gaussian", cval=float(x.min())
+        )
+    assert isinstance(ref, torch.Tensor)
+    expected = ref[0].argmax(0).numpy()
+    assert expected.max() > 255  # the test reaches the classes that need uint16
+    np.testing.assert_array_equal(labels, expected)
 
 
 def test_normalise_in_chunks_matches_the_whole_array_expression(monkeypatch):

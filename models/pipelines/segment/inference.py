@@ -179,36 +179,6 @@ def predict_classes(
     return classes
 
 
-def predict_labels(
-    image: torch.Tensor,
-    network: torch.nn.Module,
-    patch: tuple[int, int, int],
-    *,
-    overlap: float,
-    sw_batch: int,
-    bf16: bool,
-) -> npt.NDArray[np.uint16]:
-    """Sliding-window inference with Gaussian blending, then argmax (:func:`predict_classes`).
-
-    Windows smaller than the volume tile it with ``overlap``; a volume smaller than the window
-    is padded (constant = the image minimum, i.e. air for CT windows) and cropped back, as
-    MONAI does.
-
-    Args:
-        image: ``(1, 1, D0, D1, D2)`` normalised image on the network grid.
-        network: Maps ``(B, 1, p0, p1, p2)`` to logits ``(B, C, p0, p1, p2)``.
-        patch: Window size (voxels).
-        overlap: Fraction of overlap between windows.
-        sw_batch: Windows per network call.
-        bf16: Run under bfloat16 autocast.
-
-    Returns:
-        Class indices ``(D0, D1, D2)`` uint16 (class ``c`` = label value ``c``; 0 background).
-    """
-    classes = predict_classes(image, network, patch, overlap=overlap, sw_batch=sw_batch, bf16=bf16)
-    return classes.astype(np.uint16, copy=False)
-
-
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 """A box of voxels: ``(start, stop)`` per array axis (stop exclusive)."""
 
