@@ -1,7 +1,9 @@
 """The ``voxelgate`` command line: list pipelines, run one on a file or folder.
 
 ``voxelgate run PIPELINE INPUT OUT`` runs on one input; a pipeline's other inputs are given by
-name, ``--input reference=PATH`` (or ``--reference PATH``).
+name, ``--input reference=PATH`` (or ``--reference PATH``). ``--modality CT`` declares the
+modality of inputs whose format records none (NIfTI not written by voxelgate, NRRD, MetaImage):
+CT means the values are Hounsfield units; a file naming another modality is refused.
 
 Errors are translated here once: a :class:`VoxelgateError` prints one line naming the problem
 and exits with status 2; nothing half-written is left behind (outputs appear atomically).
@@ -87,9 +89,12 @@ def _cmd_pipelines(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from service.ingest.grouping import check_modality
     from workers.runner import LocalJob, run_local
 
     params = dict(parse_param(p) for p in args.param)
+    extra_inputs = parse_inputs(args.inputs, args.reference)
+    modality = check_modality(args.modality.upper()) if args.modality else None
     job = LocalJob(
         args.pipeline,
         Path(args.input),
@@ -97,7 +102,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         params,
         args.series_uid,
         args.allow_missing_study_uid,
-        extra_inputs=parse_inputs(args.inputs, args.reference),
+        extra_inputs=extra_inputs,
+        modality=modality,
+        extra_modalities=dict.fromkeys(extra_inputs, modality) if modality else {},
     )
     with tqdm(total=100, unit="%", disable=args.quiet, file=sys.stderr) as bar:
 
@@ -147,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         "as INPUT, one series; repeatable ('voxelgate pipelines NAME' lists its inputs)",
     )
     p_run.add_argument("--reference", metavar="PATH", help="shorthand for --input reference=PATH")
+    p_run.add_argument(
+        "--modality",
+        metavar="CT|MR|...",
+        help="modality of INPUT and of every --input whose format records none (NIfTI not "
+        "written by voxelgate, NRRD, MHA); CT states that the values are Hounsfield units. An "
+        "input whose file names another modality is refused",
+    )
     p_run.add_argument("--series-uid", help="series to use when the input holds several")
     p_run.add_argument(
         "--allow-missing-study-uid",

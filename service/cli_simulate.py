@@ -45,22 +45,20 @@ def output_paths(output: Path) -> tuple[Path, Path, Path]:
 def with_modality(volume: Volume, modality: str | None, path: Path) -> Volume:
     """Apply ``--modality`` to an input whose format does not record one.
 
-    A volume read as ``"OT"`` (NIfTI without voxelgate's header, NRRD, MetaImage) takes the given
-    modality, and ``units="HU"`` when it is CT. A volume that already names another modality
-    is refused rather than relabelled.
+    The rule of :func:`service.io.read_any.declare_modality` (shared with ``voxelgate run`` and
+    the upload's ``nifti_modality``): a volume read as ``"OT"`` (NIfTI without voxelgate's
+    header, NRRD, MetaImage) takes the given modality, and ``units="HU"`` when it is CT; a
+    volume that already names another modality is refused rather than relabelled. Here, where
+    the input must be a CT, an ``"OT"`` volume without ``--modality`` is refused with a hint.
     """
-    if modality is None:
-        if volume.modality == "OT":
-            raise InputRejected(
-                f"{path}: the file does not say what modality it is; pass --modality CT if it "
-                "is a CT in Hounsfield units"
-            )
-        return volume
-    modality = modality.upper()
-    if volume.modality not in ("OT", modality):
-        raise InputRejected(f"{path}: the input is {volume.modality}, not {modality}")
-    units = "HU" if modality == "CT" else volume.units
-    return volume.with_array(volume.array, modality=modality, units=units)
+    from service.io.read_any import declare_modality  # the readers stay out of CLI start-up
+
+    if modality is None and volume.modality == "OT":
+        raise InputRejected(
+            f"{path}: the file does not say what modality it is; pass --modality CT if it "
+            "is a CT in Hounsfield units"
+        )
+    return declare_modality(volume, modality, str(path))
 
 
 def _artefacts(args: argparse.Namespace) -> Any:

@@ -28,7 +28,7 @@ from service.settings import Settings
 from service.store.blobs import BlobStore, blob_store
 from service.store.db import session_scope
 from service.store.studies import get_series, series_input_path
-from service.store.tables import Study
+from service.store.tables import Series, Study
 from workers.job_progress import JobProgress, OwnershipLost
 from workers.runner import LocalJob, run_local
 
@@ -79,6 +79,20 @@ def index_outputs(blobs: BlobStore, out_dir: Path, record: dict[str, Any]) -> di
     return outputs
 
 
+def declared_modality(series: Series) -> str | None:
+    """The modality to apply when loading a stored series (``None``: as its files say).
+
+    A NIfTI file records no modality unless voxelgate wrote it, so a NIfTI series is loaded with
+    the modality stored at upload (declared with ``nifti_modality``, else from the file's
+    voxelgate header, else ``"OT"``): a file read as ``"OT"`` then takes it, a declared CT in
+    HU; a file naming another modality fails the job
+    (:func:`service.io.read_any.declare_modality`). DICOM and sinogram series carry their own.
+    """
+    if series.kind != "nifti" or not series.modality:
+        return None
+    return str(series.modality)
+
+
 def _execute(settings: Settings, claim: Claim, progress: JobProgress) -> None:
     blobs = blob_store(settings)
     with session_scope(settings.resolved_database_url) as session:
@@ -86,10 +100,16 @@ def _execute(settings: Settings, claim: Claim, progress: JobProgress) -> None:
         input_path = series_input_path(session, blobs, series)
         study = session.get(Study, series.study_id)
         derived_study_uid = study.study_instance_uid if study and study.uid_derived else None
-        extra_inputs = {  # the same loader reads them (their stored folder or NIfTI file)
-            name: series_input_path(session, blobs, get_series(session, claim.tenant_id, sid))
-            for name, sid in claim.inputs.items()
+        extras = {
+            name: get_series(session, claim.tenant_id, sid) for name, sid in claim.inputs.items()
         }
+        extra_inputs = {  # the same loader reads them (their stored folder or NIfTI file)
+            name: series_input_path(session, blobs, s) for name, s in extras.items()
+        }
+        extra_modalities = {
+            name: m for name, s in extras.items() if (m := declared_modality(s)) is not None
+        }
+        modality = declared_modality(series)
     out_dir = blobs.attempt_dir(claim.job_id, claim.token)
     job = LocalJob(
         claim.pipeline,
@@ -103,6 +123,8 @@ def _execute(settings: Settings, claim: Claim, progress: JobProgress) -> None:
         allow_missing_study_uid=True,
         study_uid=derived_study_uid,
         extra_inputs=extra_inputs,
+        modality=modality,
+        extra_modalities=extra_modalities,
     )
     try:
         record = run_local(job, progress)

@@ -5,6 +5,11 @@ Used by the CLI and by the queue workers; it holds no transport-specific logic. 
 inputs (:mod:`service.jobs.inputs`, e.g. a ``reference`` CT) are read by the same loader, checked
 against their InputSpec and passed to the pipeline under their names. Every input's series UID
 ends up in the provenance's ``input_uids``.
+
+A declared modality (CLI ``--modality``; the worker passes the modality stored with an uploaded
+NIfTI series) is applied by the loader with
+:func:`~service.io.read_any.declare_modality`: a file read as ``"OT"`` takes it (a CT gets
+``units="HU"``), a file naming another modality is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from models.result import ProgressCallback, Result
 from models.sinogram import Sinogram
 from models.volume import Volume
 from service.io.outputs import write_outputs
-from service.io.read_any import read_volume
+from service.io.read_any import LoadedInput, read_volume
 from service.io.sinogram import find_bundle_json, read_sinogram
 from service.jobs.inputs import check_extra_modality, check_extra_names
 
@@ -43,6 +48,9 @@ class LocalJob:
         extra_inputs: The pipeline's other inputs by name (e.g. ``{"reference": path}``), any
             format :func:`~service.io.read_any.read_volume` reads, one series each. Nothing is
             derived from them, so an empty StudyInstanceUID is accepted there.
+        modality: Declared modality of the main input (e.g. ``"CT"``: its values are HU);
+            ``None``: as its file says.
+        extra_modalities: Declared modality of extra inputs, by name (absent: as the file says).
     """
 
     pipeline: str
@@ -53,13 +61,29 @@ class LocalJob:
     allow_missing_study_uid: bool = False
     study_uid: str | None = None
     extra_inputs: Mapping[str, Path] = field(default_factory=dict)
+    modality: str | None = None
+    extra_modalities: Mapping[str, str] = field(default_factory=dict)
 
 
-def _check_modality(spec: PipelineSpec, modality: str) -> None:
+def _undeclared_hint(loaded: LoadedInput) -> str:
+    """How to declare the modality of an "OT" input whose format records none (else ``""``)."""
+    if loaded.volume.modality != "OT" or loaded.kind == "dicom":
+        return ""
+    kind = "NIfTI" if loaded.kind == "nifti" else "NRRD/MetaImage"
+    return (
+        f"; a {kind} file records no modality (a NIfTI does only when voxelgate wrote it): "
+        "declare it if its values are HU, e.g. 'voxelgate run ... --modality CT', or upload "
+        "it with nifti_modality=CT"
+    )
+
+
+def _check_modality(spec: PipelineSpec, loaded: LoadedInput) -> None:
     accepted = spec.inputs[0].modalities
+    modality = loaded.volume.modality
     if modality not in accepted:
         raise InputRejected(
             f"{spec.name} accepts modalities {', '.join(accepted)}, the input is {modality!r}"
+            f"{_undeclared_hint(loaded)}"
         )
 
 
@@ -75,26 +99,35 @@ def run_local(job: LocalJob, progress: ProgressCallback) -> dict[str, Any]:
     check_extra_names(spec, job.extra_inputs)
     if Path(job.input_path).exists() and find_bundle_json(job.input_path) is not None:
         return _run_sinogram(spec, params, job, progress)
-    loaded = read_volume(job.input_path, job.series_uid, job.allow_missing_study_uid)
+    loaded = read_volume(
+        job.input_path, job.series_uid, job.allow_missing_study_uid, modality=job.modality
+    )
     template = loaded.dicom.template if loaded.dicom is not None else None
     if job.study_uid and template is not None and not str(template.get("StudyInstanceUID", "")):
         template.StudyInstanceUID = job.study_uid
-    _check_modality(spec, loaded.volume.modality)
-    inputs = {spec.inputs[0].name: loaded.volume, **_read_extras(spec, job.extra_inputs)}
+    _check_modality(spec, loaded)
+    inputs = {spec.inputs[0].name: loaded.volume, **_read_extras(spec, job)}
     result = _compute(spec, inputs, params, progress)
     return write_outputs(result, job.output_dir, loaded.dicom)
 
 
-def _read_extras(spec: PipelineSpec, paths: Mapping[str, Path]) -> dict[str, Volume]:
+def _read_extras(spec: PipelineSpec, job: LocalJob) -> dict[str, Volume]:
     """Read and check each extra input (names were checked before anything was read)."""
+    paths = job.extra_inputs
     volumes = {}
     for item in check_extra_names(spec, paths):
+        declared = job.extra_modalities.get(item.name)
         try:
-            volume = read_volume(paths[item.name], None, allow_missing_study_uid=True).volume
+            loaded = read_volume(
+                paths[item.name], None, allow_missing_study_uid=True, modality=declared
+            )
         except InputRejected as exc:
             raise InputRejected(f"input {item.name!r}: {exc}") from None
-        check_extra_modality(spec, item, volume.modality, f"{paths[item.name]}")
-        volumes[item.name] = volume
+        try:
+            check_extra_modality(spec, item, loaded.volume.modality, f"{paths[item.name]}")
+        except InputRejected as exc:
+            raise InputRejected(f"{exc}{_undeclared_hint(loaded)}") from None
+        volumes[item.name] = loaded.volume
     return volumes
 
 
@@ -151,6 +184,11 @@ def _run_sinogram(
             f"{', '.join(takers) or 'no pipeline'}"
         )
     sinogram = read_sinogram(job.input_path)
-    inputs = {"sinogram": sinogram, **_read_extras(spec, job.extra_inputs)}
+    if job.modality and job.modality.upper() != sinogram.modality:
+        raise InputRejected(
+            f"{job.input_path}: declared modality {job.modality.upper()}, but the sinogram "
+            f"bundle's geometry JSON says {sinogram.modality}; set it there"
+        )
+    inputs = {"sinogram": sinogram, **_read_extras(spec, job)}
     result = _compute(spec, inputs, params, progress)
     return write_outputs(result, job.output_dir, None)

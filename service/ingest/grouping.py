@@ -10,8 +10,10 @@
 * The same SOPInstanceUID twice in one upload keeps the first file; the others are counted as
   duplicates by the store.
 * NIfTI: each file is one study with one series (kind ``"nifti"``), all three UIDs derived from
-  the file's SHA-256; modality: the caller's value, else the voxelgate header extension, else
-  ``"OT"``.
+  the file's SHA-256; modality: the caller's value (upload ``nifti_modality``), else the
+  voxelgate header extension, else ``"OT"``. A caller's value that differs from the modality the
+  file's voxelgate header names (other than ``"OT"``) refuses the upload: a file is never
+  relabelled. The worker applies the stored modality when it reads the file (a CT is HU).
 * Sinogram bundles (:mod:`service.ingest.sinogram_bundle`): each is one study with one series
   (kind ``"sinogram"``) of two files, the geometry JSON and its data; modality from the JSON.
 """
@@ -122,6 +124,21 @@ def check_modality(modality: str) -> str:
     return modality
 
 
+def _nifti_modality(item: ScannedFile, declared: str) -> str:
+    """A NIfTI series' modality: declared, else its voxelgate header's, else ``"OT"``.
+
+    Raises:
+        InputRejected: The declared modality differs from the one the file's header names.
+    """
+    own = item.modality if item.modality != "OT" else ""
+    if declared and own and declared != own:
+        raise InputRejected(
+            f"{item.label}: declared nifti_modality {declared}, but the file's voxelgate header "
+            f"says it is {own}; declare {own} (or nothing) rather than relabelling it"
+        )
+    return declared or item.modality or "OT"
+
+
 def group_studies(scanned: Sequence[ScannedFile], nifti_modality: str = "") -> list[StudyGroup]:
     """Group scanned files into studies and series, and summarise each series' geometry.
 
@@ -132,6 +149,10 @@ def group_studies(scanned: Sequence[ScannedFile], nifti_modality: str = "") -> l
 
     Returns:
         Studies in upload order.
+
+    Raises:
+        InputRejected: An invalid ``nifti_modality``, or one that differs from the modality a
+            NIfTI file's voxelgate header names.
     """
     if nifti_modality:
         check_modality(nifti_modality)
@@ -150,7 +171,7 @@ def group_studies(scanned: Sequence[ScannedFile], nifti_modality: str = "") -> l
         if series is None:
             modality = item.modality
             if item.kind == "nifti":
-                modality = nifti_modality or item.modality or "OT"
+                modality = _nifti_modality(item, nifti_modality)
             series = SeriesGroup(
                 series_uid=item.series_uid,
                 uid_derived=False,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import hmac
+import io
 import types
 import warnings
 import zlib
@@ -318,24 +319,10 @@ def _nifti_header(path: Path) -> tuple[Any, bool] | None:
             continue
         for data in (head, head[:size]):  # with extensions, else the bare header
             try:
-                return klass.from_fileobj(_BytesReader(data)), gz
+                return klass.from_fileobj(io.BytesIO(data)), gz  # extensions need tell()
             except Exception:  # nibabel raises several types on invalid headers
                 continue
     return None
-
-
-class _BytesReader:
-    """Minimal file object over bytes (nibabel's ``from_fileobj`` only calls ``read``)."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._pos = 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._data) if n < 0 else self._pos + n
-        chunk = self._data[self._pos : end]
-        self._pos += len(chunk)
-        return chunk
 
 
 def _check_nifti_complete(path: Path, header: Any, gz: bool, label: str) -> None:

@@ -3,14 +3,24 @@
 Dispatch by name and content: ``.nii``/``.nii.gz`` -> NIfTI; ``.nrrd``/``.nhdr``/``.mha``/``.mhd``
 -> SimpleITK; a folder, a ``.zip`` archive or a DICOM Part 10 file (``DICM`` preamble, or a
 ``.dcm`` name) -> DICOM series. Anything else is refused with the list of accepted formats.
+
+A declared modality (:func:`declare_modality`; API upload ``nifti_modality``, CLI ``--modality``)
+fills in what a format does not record: a volume read as ``"OT"`` (NIfTI not written by
+voxelgate, NRRD, MetaImage) takes the declared modality, and a declared CT gets
+``units="HU"`` (the declaration is the user's statement that the values are Hounsfield units).
+A volume whose file names another modality is refused, never relabelled; one whose file names
+the declared modality keeps its own units (an uncalibrated DICOM CT stays not-HU).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+import numpy as np
 
 from models.errors import InputRejected
 from models.volume import Volume
@@ -72,8 +82,43 @@ def detect_kind(path: Path) -> InputKind:
     raise InputRejected(f"{path}: unrecognised input format; accepted: {ACCEPTED_FORMATS}")
 
 
+def declare_modality(volume: Volume, modality: str | None, what: str) -> Volume:
+    """Apply a declared modality to a volume (the rule of the module docstring).
+
+    Args:
+        volume: As read.
+        modality: Declared DICOM modality code (e.g. ``"CT"``, case-insensitive); ``None`` or
+            ``""``: nothing declared, ``volume`` is returned as it is.
+        what: How to name the input in a refusal (its path, or ``"series <id>"``).
+
+    Returns:
+        ``volume`` itself when it already has the declared modality (its units kept), else a
+        copy with the declared modality; a declared CT is then float32 with ``units="HU"``.
+
+    Raises:
+        InputRejected: The file names another modality than the declared one.
+    """
+    if not modality:
+        return volume
+    modality = modality.upper()
+    if volume.modality == modality:
+        return volume
+    if volume.modality != "OT":
+        raise InputRejected(
+            f"{what}: declared modality {modality}, but the file says it is {volume.modality}; "
+            "declare its own modality (or none) rather than relabelling it"
+        )
+    if modality != "CT":
+        return volume.with_array(volume.array, modality=modality)
+    array = volume.array.astype(np.float32, copy=False)  # HU is float32, as the readers give CT
+    return volume.with_array(array, modality="CT", units="HU")
+
+
 def read_volume(
-    path: Path, series_uid: str | None = None, allow_missing_study_uid: bool = False
+    path: Path,
+    series_uid: str | None = None,
+    allow_missing_study_uid: bool = False,
+    modality: str | None = None,
 ) -> LoadedInput:
     """Read any accepted input as a Volume.
 
@@ -81,20 +126,28 @@ def read_volume(
         path: DICOM folder/zip/file, NIfTI, NRRD or MetaImage file.
         series_uid: For DICOM sources with several series, the SeriesInstanceUID to load.
         allow_missing_study_uid: For DICOM, accept an empty StudyInstanceUID.
+        modality: Declared modality (:func:`declare_modality`); ``None``: as the file says.
 
     Returns:
         The :class:`LoadedInput`.
 
     Raises:
-        InputRejected: Unrecognised format or any reader refusal.
+        InputRejected: Unrecognised format, any reader refusal, or a file whose own modality
+            differs from the declared one.
     """
     path = Path(path)
     kind = detect_kind(path)
     if kind == "nifti":
-        return LoadedInput(volume=read_nifti(path), dicom=None, kind="nifti")
+        volume = declare_modality(read_nifti(path), modality, str(path))
+        return LoadedInput(volume=volume, dicom=None, kind="nifti")
     if kind == "itk":
-        return LoadedInput(volume=read_itk_image(path), dicom=None, kind="itk")
+        volume = declare_modality(read_itk_image(path), modality, str(path))
+        return LoadedInput(volume=volume, dicom=None, kind="itk")
     series = load_dicom_series(
         path, series_uid=series_uid, allow_missing_study_uid=allow_missing_study_uid
     )
+    if modality:
+        series = dataclasses.replace(
+            series, volume=declare_modality(series.volume, modality, str(path))
+        )
     return LoadedInput(volume=series.volume, dicom=series, kind="dicom")

@@ -202,12 +202,14 @@ def _study_row(
 
 
 def _series_row(session: Session, study: Study, group: SeriesGroup) -> Series:
-    """The series row of a group: existing or new."""
+    """The series row of a group: existing (a NIfTI's modality restated) or new."""
     series = session.scalars(
         select(Series).where(
             Series.study_id == study.id, Series.series_instance_uid == group.series_uid
         )
     ).one_or_none()
+    if series is not None and group.kind == "nifti" and series.modality != group.modality:
+        _restate_nifti_modality(session, series, group)
     if series is None:
         series = Series(
             id=new_id(),
@@ -223,6 +225,28 @@ def _series_row(session: Session, study: Study, group: SeriesGroup) -> Series:
         session.add(series)
         session.flush()
     return series
+
+
+def _restate_nifti_modality(session: Session, series: Series, group: SeriesGroup) -> None:
+    """A stored NIfTI uploaded again (same file, same series) with another modality.
+
+    Its study was deleted (no instance left): the new upload's modality replaces the old one.
+    Otherwise an undeclared re-upload keeps the stored modality, a declared one fills in a
+    stored ``"OT"``, and one contradicting the stored modality is refused.
+
+    Raises:
+        InputRejected: The declared modality contradicts the stored one.
+    """
+    held = session.scalar(
+        select(func.count()).select_from(Instance).where(Instance.series_id == series.id)
+    )
+    if not held or series.modality in ("", "OT"):
+        series.modality = group.modality
+    elif group.modality != "OT":
+        raise InputRejected(
+            f"{group.description}: this NIfTI is already stored as series {series.id} with "
+            f"modality {series.modality}, not {group.modality}; nothing was stored"
+        )
 
 
 def _suffix(item: ScannedFile) -> str:

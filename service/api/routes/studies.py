@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Principal, get_app_settings, get_blobs, get_principal, get_session
 from service.api.metrics import INGEST_BYTES
+from service.ingest.grouping import check_modality
 from service.ingest.receive import receive_upload
 from service.settings import Settings
 from service.store.blobs import BlobStore
@@ -28,14 +29,33 @@ _UPLOAD_DOC = """Upload DICOM instances (any number of files in one multipart/fo
 a zip archive) or one NIfTI volume. The body is streamed to disk, validated and grouped into
 studies and series; nothing is stored unless the whole upload is valid. Re-uploading the same
 instances is idempotent. Raw bodies are accepted with `Content-Type: application/zip`,
-`application/dicom` or `application/octet-stream`."""
+`application/dicom` or `application/octet-stream`.
+
+A NIfTI file records no modality (unless voxelgate wrote it) and is stored as `OT` unless the
+query parameter `nifti_modality` declares it; `?nifti_modality=CT` is the statement that its
+values are Hounsfield units, and the worker then reads it as a CT in HU (as CT-only pipelines
+such as `cbct-to-sct` need). A declaration contradicting the modality the file's own header
+names is refused (422), never relabelled."""
+
+_NIFTI_MODALITY_DOC = (
+    "DICOM modality code of the uploaded NIfTI files (e.g. CT, MR), which record none unless "
+    "voxelgate wrote them. CT declares that the voxel values are Hounsfield units: jobs read the "
+    "file as a CT in HU. Empty: from the file's voxelgate header, else OT (other). Refused "
+    "(422) when the file's header names another modality."
+)
 
 
 def _ingest(
-    settings: Settings, blobs: BlobStore, principal: Principal, files: list[Any]
+    settings: Settings,
+    blobs: BlobStore,
+    principal: Principal,
+    files: list[Any],
+    nifti_modality: str = "",
 ) -> dict[str, Any]:
     with session_scope(settings.resolved_database_url) as session:
-        report = ingest_files(session, blobs, principal.tenant_id, files, settings)
+        report = ingest_files(
+            session, blobs, principal.tenant_id, files, settings, nifti_modality=nifti_modality
+        )
         studies = [
             study_summary(session, get_study(session, principal.tenant_id, sid))
             for sid in report.study_ids
@@ -91,11 +111,15 @@ async def upload_study(
     principal: Principal = Depends(get_principal),
     settings: Settings = Depends(get_app_settings),
     blobs: BlobStore = Depends(get_blobs),
+    nifti_modality: str = Query("", max_length=16, description=_NIFTI_MODALITY_DOC),
 ) -> dict[str, Any]:
     """Receive, validate, group and store an upload; answer with its studies and series."""
+    modality = nifti_modality.strip().upper()
+    if modality:
+        check_modality(modality)  # before the body is received
     with blobs.staging_area() as staging:
         files = await receive_upload(request, staging, settings)
-        return await run_in_threadpool(_ingest, settings, blobs, principal, files)
+        return await run_in_threadpool(_ingest, settings, blobs, principal, files, modality)
 
 
 @router.get("", summary="List studies")
