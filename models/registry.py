@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ValidationError
 
 from models.errors import InvalidParameters, UnknownPipeline
+from models.pipelines.cbct_to_sct.params import LEARNED_WEIGHTS as CBCT_TO_SCT_WEIGHTS
 from models.pipelines.cbct_to_sct.params import CBCTToSCTParams
 from models.pipelines.segment.params import SegmentParams
 from models.pipelines.sparse_view_ct.params import LEARNED_WEIGHTS, SparseViewCTParams
@@ -171,11 +172,13 @@ _SPECS: tuple[PipelineSpec, ...] = (
     ),
     PipelineSpec(
         name="cbct-to-sct",
-        version="0.1.0",
+        version="0.2.0",
         summary=(
-            "Synthetic CT in HU from a cone-beam CT: identity, hu-calibration (quantile "
-            "matching of body HU to a reference distribution of OpenKBP training CTs) or the "
-            "learned network; field of view estimated from the CBCT and truncation flagged; "
+            "Synthetic CT in HU from a cone-beam CT: the learned 2.5D network (default: plain "
+            "UNet; or the GLFC-style UNet with Mamba-2 selective-scan skips), trained on CBCT "
+            "simulated from real OpenKBP head-and-neck CTs; or identity / hu-calibration "
+            "(quantile matching of body HU to a reference distribution of OpenKBP training "
+            "CTs); field of view estimated from the CBCT and truncation flagged; "
             "MAE/PSNR/SSIM (SynthRAD definitions) against an optional planning CT in the same "
             "frame of reference."
         ),
@@ -197,7 +200,7 @@ _SPECS: tuple[PipelineSpec, ...] = (
         params_model=CBCTToSCTParams,
         factory="models.pipelines.cbct_to_sct.pipeline:run",
         model_card="cbct_to_sct.md",
-        weights=None,
+        weights=CBCT_TO_SCT_WEIGHTS,
         time_limit_s=3600,
     ),
 )

@@ -16,7 +16,12 @@ import pytest
 from models.errors import InputRejected
 from models.pipelines.cbct_to_sct.masks import body_mask
 from models.pipelines.cbct_to_sct.metrics import mae_hu, psnr_db, ssim_in_mask
-from models.pipelines.cbct_to_sct.params import CBCTToSCTParams
+from models.pipelines.cbct_to_sct.params import (
+    DEFAULT_NETWORK,
+    LEARNED_WEIGHTS,
+    NETWORK_WEIGHTS,
+    CBCTToSCTParams,
+)
 from models.pipelines.cbct_to_sct.pipeline import AIR_HU, run
 from models.registry import get_spec, validate_params
 from models.volume import Volume
@@ -163,15 +168,17 @@ def test_a_reference_on_a_finer_grid_is_resampled_onto_the_cbct(identity, trunca
     assert fine["mask_voxels"] == pytest.approx(coarse["mask_voxels"], rel=0.1)
 
 
-def test_learned_without_weights_is_refused_and_registry_record(truncated):
+def test_learned_without_weights_is_refused_and_registry_record(truncated, monkeypatch):
     cbct, _ = truncated
-    with pytest.raises(InputRejected, match="not shipped yet"):
-        run({"image": cbct}, CBCTToSCTParams(method="learned"), _quiet)
+    monkeypatch.setitem(NETWORK_WEIGHTS, "glfc", "weights/cbct_to_sct/missing/model.pt")
+    with pytest.raises(InputRejected, match="not installed"):
+        run({"image": cbct}, CBCTToSCTParams(method="learned", network="glfc"), _quiet)
     spec = get_spec("cbct-to-sct")
     assert [(i.name, i.required) for i in spec.inputs] == [("image", True), ("reference", False)]
-    assert spec.weights is None
+    assert spec.weights == LEARNED_WEIGHTS == NETWORK_WEIGHTS[DEFAULT_NETWORK]
+    assert len(spec.weights_sha256()) == 64
     assert spec.queue == "gpu"
-    assert validate_params(spec, {}).method == "hu-calibration"  # type: ignore[attr-defined]
+    assert validate_params(spec, {}).method == "learned"  # type: ignore[attr-defined]
     assert "## Learned model" in spec.card_text()
 
 

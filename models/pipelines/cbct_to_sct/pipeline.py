@@ -50,6 +50,9 @@ OUTPUT = "sct"
 """Name of the output volume."""
 
 MODELS_DIR = Path(__file__).resolve().parents[2]
+
+SCT_RANGE_HU = (-1024.0, 3071.0)
+"""The learned sCT is clipped to the 12-bit CT range (as ``hu-calibration`` is)."""
 """The ``models`` package folder (weights and the HU reference are relative to it)."""
 
 AIR_HU = -1000.0
@@ -93,7 +96,7 @@ def _learned(
     if not weights.is_file():
         raise InputRejected(
             f"method 'learned' needs the trained network ({relative}), which is not "
-            "shipped yet; use method 'hu-calibration' or 'identity'"
+            "installed; use method 'hu-calibration' or 'identity'"
         )
     from models.devices import resolve_device
     from models.pipelines.cbct_to_sct.learned import translate
@@ -102,7 +105,10 @@ def _learned(
         progress(0.2 + 0.6 * min(max(fraction, 0.0), 1.0), step)
 
     sct, facts = translate(cbct, weights, resolve_device(params.device), sub)
-    return np.asarray(sct, dtype=np.float32), dict(facts), file_sha256(weights)
+    lo, hi = SCT_RANGE_HU
+    facts["clipped_to_hu"] = [lo, hi]
+    sct = np.clip(np.asarray(sct, dtype=np.float32), lo, hi)
+    return sct, dict(facts), file_sha256(weights)
 
 
 def translate_cbct(
