@@ -118,7 +118,9 @@ def scatter_results():
     for method in ("identity", "hu-calibration"):
         params = CBCTToSCTParams(method=method)
         out[method] = run({"image": cbct, "reference": ct}, params, lambda f, s: None)
-    out["no-reference"] = run({"image": cbct}, CBCTToSCTParams(), lambda f, s: None)
+    out["no-reference"] = run(
+        {"image": cbct}, CBCTToSCTParams(method="hu-calibration"), lambda f, s: None
+    )
     return out
 
 

@@ -185,7 +185,8 @@ def test_learned_without_weights_is_refused_and_registry_record(truncated, monke
 def test_hu_calibration_stamps_the_reference_table_in_the_provenance(truncated):
     cbct, _ = truncated
     steps: list[tuple[float, str]] = []
-    result = run({"image": cbct, "reference": small_ct()}, CBCTToSCTParams(),
+    params = CBCTToSCTParams(method="hu-calibration")
+    result = run({"image": cbct, "reference": small_ct()}, params,
                  lambda f, s: steps.append((f, s)))  # fmt: skip
     prov = result.provenance
     assert (prov.pipeline, prov.weights_sha256) == ("cbct-to-sct", "none")

@@ -255,7 +255,7 @@ def run(
         uids.append(str(raw_reference.meta["series_instance_uid"]))
     provenance = replace(
         provenance,
-        weights_sha256=weights_sha or provenance.weights_sha256,
+        weights_sha256=weights_sha or "none",  # identity and hu-calibration use no weights
         parameters={**provenance.parameters, **extra},
         input_uids=uids,
     )
