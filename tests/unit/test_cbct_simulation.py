@@ -6,6 +6,7 @@ loading RTK's wrapper library takes most of this file's time (about 20 CPU-secon
 Errors are in HU inside the body (CT > -500 HU) and the field of view.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from models.physics.cbct import (
 )
 from service.cli import main
 from service.io.nifti import read_nifti
+from tests.unit.cbct_to_sct_data import block_mean
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 EXAMPLE_CT = DATA / "totalsegmentator" / "example_ct_sm.nii.gz"
@@ -38,23 +40,12 @@ CLEAN_MAE_HU = 60.0
 """Tolerance of the clean round trip (measured: about 45 HU at 60 projections, Hann filter)."""
 
 
-def block_mean(volume: Volume, factor: int) -> Volume:
-    """Average ``factor``^3 blocks; the affine follows (voxel centres of the coarse grid)."""
-    a = np.asarray(volume.array, dtype=np.float32)
-    k, j, i = (n // factor * factor for n in a.shape)
-    f = factor
-    coarse = a[:k, :j, :i].reshape(k // f, f, j // f, f, i // f, f).mean(axis=(1, 3, 5))
-    affine = volume.affine.copy()
-    affine[:3, :3] *= f
-    affine[:3, 3] = volume.index_to_lps([(f - 1) / 2] * 3)
-    return Volume(coarse, affine, "CT", "HU", frame_of_reference_uid="1.2.3.4")
-
-
 @pytest.fixture(scope="module")
 def ct() -> Volume:
     if not EXAMPLE_CT.exists():
         pytest.skip(f"{EXAMPLE_CT} not available")
-    return block_mean(read_nifti(EXAMPLE_CT), 2)
+    coarse = block_mean(read_nifti(EXAMPLE_CT), 2)
+    return dataclasses.replace(coarse, modality="CT", units="HU", frame_of_reference_uid="1.2.3.4")
 
 
 @pytest.fixture(scope="module")
