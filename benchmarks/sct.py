@@ -5,7 +5,7 @@ Data: OpenKBP *validation* patients (``../shared/data/openkbp``, QC-flagged ones
 :data:`SELECTION_CASES`, which selected the best training state (``voxelgate train cbct-to-sct
 --val-cases 8``): the remaining patients were never seen in training or selection. Each CBCT
 is simulated from the patient's real CT exactly as the training pairs were
-(:func:`workers.cbct_pairs._simulate_case`: 180 projections, ``random_artefacts(7000000 +
+(:func:`workers.cbct_pairs.simulate_pair`: 180 projections, ``random_artefacts(7000000 +
 patient number)`` without misregistration, some cases truncated) and cached in ``--pairs``
 (the folder of ``voxelgate dataset cbct-pairs``; missing pairs are simulated).
 
@@ -57,9 +57,9 @@ def held_out_cases(limit: int) -> list[dict[str, Any]]:
 
 def pair(case: dict[str, Any], pairs: Path) -> dict[str, Any]:
     """The cached simulated pair of ``case`` (simulated now when missing)."""
-    from workers.cbct_pairs import DEFAULT_PROJECTIONS, _simulate_case
+    from workers.cbct_pairs import DEFAULT_PROJECTIONS, simulate_pair
 
-    return _simulate_case(
+    return simulate_pair(
         {
             "case": case["case"],
             "ct": case["image"],

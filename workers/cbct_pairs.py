@@ -61,7 +61,7 @@ def _entry(task: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _simulate_case(task: dict[str, Any]) -> dict[str, Any]:
+def simulate_pair(task: dict[str, Any]) -> dict[str, Any]:
     """Simulate one pair (runs in a worker process); returns its dataset entry."""
     from models.physics.cbct import CBCTGeometry, random_artefacts, simulate_cbct
     from service.io.nifti import read_nifti, write_nifti
@@ -156,7 +156,7 @@ def build_pairs(
         ]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         for n, ((split, _), entry) in enumerate(
-            zip(flat, pool.map(_simulate_case, [t for _, t in flat]), strict=True), start=1
+            zip(flat, pool.map(simulate_pair, [t for _, t in flat]), strict=True), start=1
         ):
             entries[split].append(entry)
             if log is not None:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import InvalidParameters
-from workers.training_files import atomic_json, atomic_torch_save, checkpoint_path
+from workers.training_files import atomic_json, atomic_torch_save, checkpoint_path, save_weights
 
 VAL_CASES = 8
 """Validation patients used for model selection (the first ones of the validation list)."""
@@ -80,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
     """Train; write checkpoint, metrics and weights under ``--out``."""
     import torch
 
-    from models.pipelines.cbct_to_sct.learned import save_weights_record
-    from models.provenance import file_sha256
+    from models.pipelines.cbct_to_sct.learned import weights_record
     from models.training.sct_train import SCTTrainConfig, train
 
     torch.set_num_threads(args.threads)
@@ -132,13 +131,10 @@ def run(args: argparse.Namespace) -> int:
         "scan_backend": state["scan_backend"],
     }
     weights = out / "model.pt"
-    tmp = weights.with_name("model.pt.tmp")
-    save_weights_record(
-        tmp, state["network"], best_model, spacing_range([s for _, s in loaded]), training
+    record = weights_record(
+        state["network"], best_model, spacing_range([s for _, s in loaded]), training
     )
-    tmp.replace(weights)
-    digest = file_sha256(weights)
-    (out / "model.pt.sha256").write_text(f"{digest}  model.pt\n")
+    digest = save_weights(record, weights)
     atomic_json(
         {"training": training, "best": outcome.best, "history": outcome.history, "sha256": digest},
         out / "metrics.json",

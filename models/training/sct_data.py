@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -53,6 +54,7 @@ class SCTCase:
                 f"{self.fov.shape} must be the same 3D shape"
             )
 
+    @cached_property
     def body_slices(self) -> npt.NDArray[np.int64]:
         """Indices of slices with at least 1 % body voxels inside the field of view."""
         body = (np.asarray(self.ct) > BODY_HU) & self.fov
@@ -113,7 +115,7 @@ def sample_batch(
     xs, ys, ms = [], [], []
     for _ in range(batch):
         case = cases[int(rng.integers(len(cases)))]
-        slices = case.body_slices()
+        slices = case.body_slices
         k = int(slices[rng.integers(len(slices))]) if slices.size else case.cbct.shape[0] // 2
         x = stack_slices(case.cbct, k, context)
         y = np.asarray(case.ct[k : k + 1], dtype=np.float32)

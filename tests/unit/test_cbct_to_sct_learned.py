@@ -11,7 +11,7 @@ import torch
 
 from models.errors import InputRejected
 from models.networks.glfc import DEFAULT_CONFIGS, build_network
-from models.pipelines.cbct_to_sct.learned import load_weights, save_weights_record, translate
+from models.pipelines.cbct_to_sct.learned import load_weights, translate, weights_record
 from models.pipelines.cbct_to_sct.params import NETWORK_WEIGHTS, CBCTToSCTParams
 from models.pipelines.cbct_to_sct.pipeline import MODELS_DIR, run
 from models.result import no_progress
@@ -32,7 +32,8 @@ def _weights(tmp_path: Path, arch: str, bias_hu: float | None, seed: int = 0) ->
         with torch.no_grad():
             net.head.bias.fill_(bias_hu / 1000.0)
     path = tmp_path / f"{arch}.pt"
-    save_weights_record(path, DEFAULT_CONFIGS[arch], net.state_dict(), RANGES, {"test": True})
+    record = weights_record(DEFAULT_CONFIGS[arch], net.state_dict(), RANGES, {"test": True})
+    torch.save(record, path)
     return path
 
 
@@ -87,7 +88,7 @@ def test_bad_weights_files_are_refused(tmp_path: Path) -> None:
         load_weights(other, torch.device("cpu"))
     bad = tmp_path / "bad.pt"
     state = build_network(DEFAULT_CONFIGS["unet"]).state_dict()
-    save_weights_record(bad, DEFAULT_CONFIGS["glfc"], state, RANGES, {})
+    torch.save(weights_record(DEFAULT_CONFIGS["glfc"], state, RANGES, {}), bad)
     with pytest.raises(InputRejected, match="do not fit"):
         load_weights(bad, torch.device("cpu"))
 

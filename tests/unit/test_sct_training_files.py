@@ -15,7 +15,7 @@ from service.cli import main
 from service.errors import InvalidParameters
 from service.io.nifti import read_nifti, write_nifti
 from tests.unit.cbct_to_sct_data import full_ct
-from workers.cbct_pairs import SEED_BASE, _simulate_case, build_pairs, case_seed
+from workers.cbct_pairs import SEED_BASE, build_pairs, case_seed, simulate_pair
 from workers.train_sct import load_case, read_dataset, spacing_range
 
 
@@ -31,7 +31,7 @@ def test_finished_pairs_are_not_simulated_again(tmp_path: Path) -> None:
     folder.mkdir()
     (folder / "facts.json").write_text("{}")
     task = {"case": "pt_3", "ct": "/nonexistent/ct.nii.gz", "folder": str(folder)}
-    entry = _simulate_case(task)  # would fail reading the CT if it simulated
+    entry = simulate_pair(task)  # would fail reading the CT if it simulated
     assert entry == {
         "case": "pt_3",
         "ct": "/nonexistent/ct.nii.gz",

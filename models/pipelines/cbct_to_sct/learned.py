@@ -72,34 +72,30 @@ def load_weights(path: Path, device: torch.device) -> tuple[SCTUNet, dict[str, A
     return network.to(device).eval(), info
 
 
-def save_weights_record(
-    path: Path,
+def weights_record(
     network_config: dict[str, Any],
     state_dict: dict[str, torch.Tensor],
     spacing_range_mm: dict[str, list[float]],
     training: dict[str, Any],
-) -> None:
-    """Write a weights file (fp16 tensors) that :func:`load_weights` reads.
+) -> dict[str, Any]:
+    """The dict a weights file holds (fp16 tensors), for ``torch.save``.
+
+    :func:`load_weights` reads the saved file back.
 
     Args:
-        path: Destination (written in place; callers wanting atomicity write a temporary name
-            and rename).
         network_config: Architecture config (:data:`models.networks.glfc.DEFAULT_CONFIGS`).
         state_dict: Network weights.
         spacing_range_mm: Spacing the network was trained on, ``{"slice": [lo, hi],
             "in_plane": [lo, hi]}`` (mm).
         training: JSON-compatible facts (data, steps, metrics).
     """
-    torch.save(
-        {
-            "format": WEIGHTS_FORMAT,
-            "network": dict(network_config),
-            "state_dict": {k: v.detach().to(torch.float16).cpu() for k, v in state_dict.items()},
-            "spacing_range_mm": spacing_range_mm,
-            "training": training,
-        },
-        path,
-    )
+    return {
+        "format": WEIGHTS_FORMAT,
+        "network": dict(network_config),
+        "state_dict": {k: v.detach().to(torch.float16).cpu() for k, v in state_dict.items()},
+        "spacing_range_mm": spacing_range_mm,
+        "training": training,
+    }
 
 
 @torch.inference_mode()
@@ -208,9 +204,7 @@ def translate(
     resampled = shape != canonical.shape
     net_in = _resample(canonical, shape)
     context = int(record["network"]["context"])
-    net_out = predict_volume(
-        network, net_in, context, bf16=True, progress=lambda f, s: progress(f, s)
-    )
+    net_out = predict_volume(network, net_in, context, bf16=True, progress=progress)
     correction = _resample(net_out - net_in, canonical.shape)
     sct = reorient.invert(canonical + correction)
     facts = {
