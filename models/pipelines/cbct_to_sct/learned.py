@@ -189,8 +189,6 @@ def translate(
     network, record = load_weights(weights, dev)
     reorient = reorientation(cbct.affine, CANONICAL)
     canonical = np.ascontiguousarray(reorient.apply(np.asarray(cbct.array, np.float32)))
-    if canonical.ndim != 3:
-        raise InputRejected(f"the CBCT must be a 3D volume, got shape {cbct.array.shape}")
     source_spacing = tuple(
         float(v) for v in np.linalg.norm(cbct.affine[:3, :3], axis=0)[list(reorient.perm)]
     )
