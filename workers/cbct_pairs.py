@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from models.volume import Volume
 from service.errors import InvalidParameters
 from workers.openkbp_dataset import build_dataset
 
@@ -61,6 +62,18 @@ def _entry(task: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def detector_pitch_mm(ct: Volume, sad_mm: float, sdd_mm: float) -> float:
+    """Detector pixel pitch (mm) of a pair: the CT's coarser in-plane voxel, magnified.
+
+    In-plane means across the rotation axis (the array axis nearest LPS z), whatever the
+    array order of the CT.
+    """
+    from models.physics.cbct_geometry import axial_axis
+    from models.pipelines.cbct_to_sct.masks import in_plane_spacing
+
+    return max(in_plane_spacing(ct, axial_axis(ct))) * sdd_mm / sad_mm
+
+
 def simulate_pair(task: dict[str, Any]) -> dict[str, Any]:
     """Simulate one pair (runs in a worker process); returns its dataset entry."""
     from models.physics.cbct import CBCTGeometry, random_artefacts, simulate_cbct
@@ -78,8 +91,7 @@ def simulate_pair(task: dict[str, Any]) -> dict[str, Any]:
     artefacts = dataclasses.replace(
         random_artefacts(seed), shift_mm=(0.0, 0.0, 0.0), rotation_deg=(0.0, 0.0, 0.0)
     )
-    spacing = np.linalg.norm(ct.affine[:3, :3], axis=0)
-    pitch = float(max(spacing[1], spacing[2])) * task["sdd_mm"] / task["sad_mm"]
+    pitch = detector_pitch_mm(ct, task["sad_mm"], task["sdd_mm"])
     geometry = CBCTGeometry(
         sad_mm=task["sad_mm"],
         sdd_mm=task["sdd_mm"],

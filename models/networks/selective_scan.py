@@ -12,6 +12,10 @@ is installed and the tensors are on a GPU; otherwise :func:`ssd_scan` evaluates 
 recurrence exactly in chunks (the "minimal SSD" algorithm of Dao and Gu, 2024: quadratic within a
 chunk, a short recurrence between chunks), which runs on any device. :func:`sequential_scan` is
 the step-by-step reference used by the tests.
+
+``b`` and ``c`` may be shared by groups of heads, as in Mamba-2 (``ngroups``, default 1 there):
+their third axis is then ``groups`` (a divisor of ``heads``) instead of ``heads``, and head
+``h`` reads group ``h // (heads // groups)``, as ``mamba_ssm`` does.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK = 64
+DEFAULT_CHUNK = 32
 """Chunk length of :func:`ssd_scan` (cost ~ L * chunk per head and state dimension)."""
 
 
@@ -35,6 +39,22 @@ def mamba_kernel_installed() -> bool:
 def backend_for(device: torch.device) -> str:
     """``"mamba_ssm"`` on CUDA with the kernels installed, else ``"torch-ssd"``."""
     return "mamba_ssm" if device.type == "cuda" and mamba_kernel_installed() else "torch-ssd"
+
+
+def _per_head(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(batch, length, groups, d_state)`` -> ``(batch, length, heads, d_state)``.
+
+    Head ``h`` reads group ``h // (heads // groups)`` (consecutive heads share a group).
+
+    Raises:
+        ValueError: If ``groups`` does not divide ``heads``.
+    """
+    groups = t.shape[2]
+    if groups == heads:
+        return t
+    if heads % groups:
+        raise ValueError(f"{groups} B/C groups do not divide {heads} heads")
+    return t.repeat_interleave(heads // groups, dim=2)
 
 
 def _segsum(x: torch.Tensor) -> torch.Tensor:
@@ -67,17 +87,18 @@ def ssd_scan(
     Args:
         x: Inputs times ``dt``, ``(batch, length, heads, head_dim)``.
         a: Log decays ``dt * A`` (<= 0), ``(batch, length, heads)``.
-        b: Input projections, ``(batch, length, heads, d_state)``.
-        c: Output projections, ``(batch, length, heads, d_state)``.
+        b: Input projections, ``(batch, length, heads or groups, d_state)``.
+        c: Output projections, ``(batch, length, heads or groups, d_state)``.
         chunk: Chunk length; the sequence is zero-padded to a multiple of it (padding steps
             have zero input and zero decay, so they change nothing before them).
 
     Returns:
         ``y``, ``(batch, length, heads, head_dim)``, in float32.
     """
-    length = x.shape[1]
+    length, heads = x.shape[1], x.shape[2]
     pad = (-length) % chunk
-    x, a, b, c = (t.float() for t in (x, a, b, c))
+    x, a = x.float(), a.float()
+    b, c = (_per_head(t.float(), heads) for t in (b, c))
     if pad:
         x = F.pad(x, (0, 0, 0, 0, 0, pad))
         a = F.pad(a, (0, 0, 0, pad))
@@ -111,13 +132,14 @@ def sequential_scan(
     Args:
         x: ``(batch, length, heads, head_dim)``.
         a: ``(batch, length, heads)``.
-        b: ``(batch, length, heads, d_state)``.
-        c: ``(batch, length, heads, d_state)``.
+        b: ``(batch, length, heads or groups, d_state)``.
+        c: ``(batch, length, heads or groups, d_state)``.
 
     Returns:
         ``(batch, length, heads, head_dim)``.
     """
     bsz, length, heads, dim = x.shape
+    b, c = _per_head(b, heads), _per_head(c, heads)
     state = torch.zeros(bsz, heads, dim, b.shape[-1], dtype=torch.float64)
     out = []
     for t in range(length):
@@ -137,8 +159,8 @@ def selective_scan(
         x: Inputs, ``(batch, length, heads, head_dim)``.
         dt: Positive step sizes, ``(batch, length, heads)``.
         a_log: ``log(-A)`` per head, ``(heads,)`` (``A = -exp(a_log) < 0``).
-        b: ``(batch, length, heads, d_state)``.
-        c: ``(batch, length, heads, d_state)``.
+        b: ``(batch, length, heads or groups, d_state)`` (groups: Mamba-2's ``ngroups``).
+        c: ``(batch, length, heads or groups, d_state)``.
 
     Returns:
         ``y``, ``(batch, length, heads, head_dim)``.

@@ -181,6 +181,10 @@ def train(
         start, history = int(resume_state["step"]), list(resume_state["history"])
         best = dict(resume_state["best"])
         best_model = resume_state.get("best_model")
+        if best_model is None:
+            # a checkpoint shipped without the best weights: a best record naming weights
+            # that are not here would end the run with the last state under the best's name
+            best = {"mae_hu": float("inf"), "step": -1}
     context = int(net_config["context"])
 
     def state(step: int) -> dict[str, Any]:

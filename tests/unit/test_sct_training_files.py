@@ -11,11 +11,18 @@ import pytest
 import torch
 
 from models.pipelines.cbct_to_sct.learned import load_weights
+from models.volume import Volume
 from service.cli import main
 from service.errors import InvalidParameters
 from service.io.nifti import read_nifti, write_nifti
 from tests.unit.cbct_to_sct_data import full_ct
-from workers.cbct_pairs import SEED_BASE, build_pairs, case_seed, simulate_pair
+from workers.cbct_pairs import (
+    SEED_BASE,
+    build_pairs,
+    case_seed,
+    detector_pitch_mm,
+    simulate_pair,
+)
 from workers.train_sct import load_case, read_dataset, spacing_range
 
 
@@ -24,6 +31,17 @@ def test_case_seeds_are_fixed_and_distinct() -> None:
     assert case_seed("pt_201") != case_seed("pt_21")
     with pytest.raises(InvalidParameters, match="number"):
         case_seed("patient")
+
+
+def test_detector_pitch_is_the_in_plane_voxel_whatever_the_array_order() -> None:
+    # 3.9 mm slices along LPS z, 2.7 x 2.0 mm in-plane; array axis 0 along z (OpenKBP order),
+    # then the same grid transposed so that array axis 2 runs along z
+    axial_first = Volume(
+        np.zeros((4, 5, 6), np.float32), np.diag([3.9, 2.7, 2.0, 1.0])[[2, 1, 0, 3]]
+    )
+    axial_last = Volume(np.zeros((6, 5, 4), np.float32), np.diag([2.0, 2.7, 3.9, 1.0]))
+    for ct in (axial_first, axial_last):  # never the 3.9 mm slice spacing
+        assert detector_pitch_mm(ct, 1000.0, 1500.0) == pytest.approx(2.7 * 1.5)
 
 
 def test_finished_pairs_are_not_simulated_again(tmp_path: Path) -> None:
