@@ -1,4 +1,4 @@
-"""CBCT -> synthetic CT on held-out real CT: identity, hu-calibration, plain UNet and GLFC.
+"""CBCT -> synthetic CT on held-out real CT: identity, hu-calibration, plain UNet, 3D UNet, GLFC.
 
 Data: OpenKBP *validation* patients (``../shared/data/openkbp``, QC-flagged ones left out, as
 :func:`workers.openkbp_dataset.build_dataset` lists them) after the first
@@ -17,7 +17,10 @@ reference body within the CBCT field of view; seconds per volume (pipeline runti
 
 Baseline: ``identity`` (the raw simulated CBCT). Targets (issue 7): GLFC MAE at least 50 %
 below identity, SSIM >= 0.92, and better than the plain UNet of about the same size (MAE and
-SSIM). Printed with PASS/FAIL.
+SSIM). Printed with PASS/FAIL, with the number of patients on which GLFC has the lower MAE.
+The 3D UNet (``network=unet3d``: the plain UNet in 3D, same size, trained on 16-slice patches
+for the same number of steps) answers issue 7's "2.5D or 3D: measure and choose" on quality;
+``benchmarks/sct_dims.py`` measures the cost side.
 
 Run: ``python benchmarks/sct.py [--pairs DIR] [--cases N] [--threads 2] [--json PATH]``.
 """
@@ -43,6 +46,7 @@ METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("identity", {"method": "identity"}),
     ("hu-calibration", {"method": "hu-calibration"}),
     ("unet (plain)", {"method": "learned", "network": "unet"}),
+    ("unet3d (3D)", {"method": "learned", "network": "unet3d"}),
     ("glfc (ours)", {"method": "learned", "network": "glfc"}),
 )
 
@@ -139,7 +143,14 @@ def print_table(per_case: dict[str, dict[str, dict[str, Any]]], threads: int) ->
         mae, psnr = _mean_sd([r["mae_hu"] for r in rows]), _mean_sd([r["psnr_db"] for r in rows])
         ssim = _mean_sd([r["ssim"] for r in rows])
         print(f"{name:<16} {mae:>18} {change:>7.1f}% {psnr:>18} {ssim:>16} {s['seconds']:>7.2f}")
-    ours, plain = summary["glfc (ours)"], summary["unet (plain)"]
+    ours, plain, cube = summary["glfc (ours)"], summary["unet (plain)"], summary["unet3d (3D)"]
+    wins = sum(c["glfc (ours)"]["mae_hu"] < c["unet (plain)"]["mae_hu"] for c in per_case.values())
+    print(f"  glfc has a lower MAE than the plain UNet on {wins} of {len(per_case)} patients")
+    better = "2.5D" if plain["mae_hu"] < cube["mae_hu"] else "3D"
+    print(
+        f"  2.5D plain UNet {plain['mae_hu']:.1f} HU / SSIM {plain['ssim']:.3f} vs 3D UNet "
+        f"{cube['mae_hu']:.1f} HU / SSIM {cube['ssim']:.3f}: {better} has the lower MAE"
+    )
     checks = {
         "glfc MAE >= 50% below raw CBCT": ours["mae_hu"] <= 0.5 * base,
         "glfc SSIM >= 0.92": ours["ssim"] >= 0.92,

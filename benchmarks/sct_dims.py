@@ -6,12 +6,14 @@ inference pass per million output voxels for:
 
 * the shipped 2.5D GLFC network and the plain 2.5D UNet (:mod:`models.networks.glfc`), on a
   batch of 8 slices of 128 x 128 with 2 neighbours per side;
+* the 3D network of the comparison, ``unet3d`` (:mod:`models.networks.sct_unet3d`: the plain
+  UNet in 3D, 0.78 M parameters), on the patch it trains on: 1 x 16 x 128 x 128;
 * the baseline: a 3D UNet of the same depth and about the same parameter count
   (MONAI ``UNet``, 3D, channels 16/32/64/128, one residual unit per level) on 2 patches of
   64 x 128 x 128 (about the voxels of a 2.5D batch x 8).
 
-It measures cost only: quality of a 3D sCT network was not trained or compared here (no
-session had the time on CPU), which the model card says.
+It measures cost only; ``benchmarks/sct.py`` compares the quality of the trained 2.5D and 3D
+networks.
 
 Run: ``python benchmarks/sct_dims.py [--threads 1] [--repeats 3]``.
 """
@@ -53,7 +55,8 @@ def main() -> int:
     designs = {
         "2.5D GLFC (ours)": (build_network(DEFAULT_CONFIGS["glfc"]), (8, 5, 128, 128)),
         "2.5D plain UNet": (build_network(DEFAULT_CONFIGS["unet"]), (8, 5, 128, 128)),
-        "3D UNet (baseline)": (
+        "3D UNet (unet3d)": (build_network(DEFAULT_CONFIGS["unet3d"]), (1, 1, 16, 128, 128)),
+        "3D UNet (MONAI)": (
             UNet(3, 1, 1, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1),
             (2, 1, 64, 128, 128),
         ),

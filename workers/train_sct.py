@@ -147,7 +147,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``voxelgate train cbct-to-sct``."""
     p.add_argument("--data", required=True, help="folder of 'voxelgate dataset cbct-pairs'")
     p.add_argument("--out", required=True, help="output folder (checkpoint, weights, metrics)")
-    p.add_argument("--arch", default="glfc", choices=["glfc", "unet"])
+    p.add_argument("--arch", default="glfc", choices=["glfc", "unet", "unet3d"])
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)

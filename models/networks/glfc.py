@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.networks.sct_unet3d import SCTUNet3D
 from models.networks.selective_scan import selective_scan
 
 HU_SCALE = 1000.0
@@ -147,10 +148,15 @@ class SkipMamba(nn.Module):
 class SCTUNet(nn.Module):
     """2.5D UNet predicting an HU correction; optional :class:`SkipMamba` in the skips.
 
+    ``dims = 2``: a sample is one slice (:class:`~models.networks.sct_unet3d.SCTUNet3D` has 3).
+
     ``forward(x)``: ``x`` ``(B, 2 * context + 1, H, W)`` normalised CBCT slices (H, W multiples
     of ``2 ** (levels - 1)``); returns ``(B, 1, H, W)``: the centre slice plus the predicted
     correction, normalised sCT.
     """
+
+    dims = 2
+    """Spatial dimensions of a sample."""
 
     def __init__(
         self,
@@ -226,18 +232,27 @@ DEFAULT_CONFIGS: dict[str, dict[str, Any]] = {
         "global_skips": [False, False, False, False],
         "d_state": 16,
     },
+    "unet3d": {
+        "arch": "unet3d",
+        "context": 0,
+        "features": [16, 32, 48, 80],
+        "global_skips": [False, False, False, False],
+        "patch_slices": 16,
+    },
 }
 """Shipped configurations. GLFC: the plain UNet's widths at full, 1/2 and 1/4 resolution, a
 narrower bottleneck (112 channels instead of 144) and selective-scan skips at 1/4 and 1/8
 resolution (on 128 x 128 slices: 32 x 32 and 16 x 16 tokens; at 1/2 resolution the
 pure-PyTorch scan cost 1.6 s of a batch-8 training step on one CPU thread) whose B/C
 projections are shared by all heads of a block (Mamba-2's default ``ngroups = 1``): 0.753 M
-parameters. The plain UNet: 0.774 M parameters (3 % more than GLFC). Weights files store their
-own config, so the first GLFC network (16/32/64/128, one B/C pair per head, 0.738 M) still
-loads."""
+parameters. The plain UNet: 0.774 M parameters (3 % more than GLFC). ``unet3d``: the plain
+UNet in 3D (:class:`~models.networks.sct_unet3d.SCTUNet3D`, 0.781 M parameters), trained and
+applied on patches of ``patch_slices`` axial slices (the 3D side of issue 7's 2.5D-or-3D
+measurement). Weights files store their own config, so the first GLFC network (16/32/64/128,
+one B/C pair per head, 0.738 M) still loads."""
 
 
-def build_network(config: dict[str, Any]) -> SCTUNet:
+def build_network(config: dict[str, Any]) -> SCTUNet | SCTUNet3D:
     """Build the network a config describes (``arch``, ``context``, ``features``...).
 
     Raises:
@@ -246,6 +261,10 @@ def build_network(config: dict[str, Any]) -> SCTUNet:
     arch = config.get("arch")
     if arch not in DEFAULT_CONFIGS:
         raise ValueError(f"unknown sCT architecture {arch!r} (known: {sorted(DEFAULT_CONFIGS)})")
+    if arch == "unet3d":
+        if int(config["patch_slices"]) % 2 ** (len(config["features"]) - 1):
+            raise ValueError("patch_slices must be a multiple of 2 ** (levels - 1)")
+        return SCTUNet3D(features=tuple(int(f) for f in config["features"]))
     return SCTUNet(
         context=int(config["context"]),
         features=tuple(int(f) for f in config["features"]),

@@ -1,4 +1,4 @@
-"""CBCT -> sCT training data: paired volumes and 2.5D slice sampling (numpy, torch-free).
+"""CBCT -> sCT training data: paired volumes, 2.5D slice and 3D patch sampling (torch-free).
 
 No file access here (design rule 1): :mod:`workers.train_sct` reads the simulated CBCT, the CT
 and the field-of-view mask of each pair, reorients them to the canonical frame
@@ -128,6 +128,63 @@ def sample_batch(
         xs.append(x)
         ys.append(y)
         ms.append(m)
+    return (
+        np.stack(xs) / HU_SCALE,
+        np.stack(ys) / HU_SCALE,
+        np.ascontiguousarray(np.stack(ms)),
+    )
+
+
+def sample_patches(
+    cases: Sequence[SCTCase],
+    seed: int,
+    step: int,
+    batch: int,
+    depth: int,
+    size: int = 128,
+    flip: bool = True,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """The 3D training batch of ``step``: ``depth`` consecutive slices about a random body slice.
+
+    The 3D counterpart of :func:`sample_batch` (same case and slice draw, same in-plane crop
+    and flip); a volume with fewer than ``depth`` slices is padded with air, masked out.
+
+    Args:
+        cases: Training pairs.
+        seed: Run seed.
+        step: Step number (the batch is a pure function of ``seed`` and ``step``).
+        batch: Patches per batch.
+        depth: Slices per patch.
+        size: In-plane side of the patches.
+        flip: Mirror left-right (axis 1 of the canonical slice) with probability 1/2.
+
+    Returns:
+        ``(x, y, mask)``: CBCT, CT (network units) and FOV mask (0/1), each
+        ``(B, 1, depth, size, size)``.
+    """
+    rng = np.random.default_rng([seed, step, 0x5C73D])
+    xs, ys, ms = [], [], []
+    for _ in range(batch):
+        case = cases[int(rng.integers(len(cases)))]
+        slices, k_n = case.body_slices, case.cbct.shape[0]
+        k = int(slices[rng.integers(len(slices))]) if slices.size else k_n // 2
+        start = int(np.clip(k - depth // 2, 0, max(k_n - depth, 0)))
+        stop = min(start + depth, k_n)
+        x = np.asarray(case.cbct[start:stop], dtype=np.float32)
+        y = np.asarray(case.ct[start:stop], dtype=np.float32)
+        m = case.fov[start:stop].astype(np.float32)
+        if stop - start < depth:
+            pad = ((0, depth - (stop - start)), (0, 0), (0, 0))
+            x, y = (np.pad(a, pad, constant_values=AIR_HU) for a in (x, y))
+            m = np.pad(m, pad, constant_values=0.0)
+        h, w = x.shape[-2:]
+        offset = (int(rng.integers(max(h - size, 0) + 1)), int(rng.integers(max(w - size, 0) + 1)))
+        x, y, m = (fit_plane(a, size, f, offset) for a, f in ((x, AIR_HU), (y, AIR_HU), (m, 0.0)))
+        if flip and rng.uniform() < 0.5:
+            x, y, m = x[:, ::-1], y[:, ::-1], m[:, ::-1]
+        xs.append(x[None])
+        ys.append(y[None])
+        ms.append(m[None])
     return (
         np.stack(xs) / HU_SCALE,
         np.stack(ys) / HU_SCALE,

@@ -1,4 +1,4 @@
-"""Training loop of the CBCT -> sCT network (GLFC-style or plain UNet), resumable.
+"""Training loop of the CBCT -> sCT network (GLFC-style, plain UNet or 3D UNet), resumable.
 
 AdamW with linear warm-up and cosine decay, bf16 autocast on CPU by default, loss
 :func:`models.training.sct_losses.sct_loss` inside the CBCT field of view. Every
@@ -21,8 +21,8 @@ import torch
 from models.errors import InputRejected
 from models.networks.glfc import DEFAULT_CONFIGS, HU_SCALE, build_network, parameter_count
 from models.networks.selective_scan import backend_for
-from models.pipelines.cbct_to_sct.learned import predict_volume
-from models.training.sct_data import BODY_HU, SCTCase, sample_batch
+from models.pipelines.cbct_to_sct.learned import predict_canonical
+from models.training.sct_data import BODY_HU, SCTCase, sample_batch, sample_patches
 from models.training.sct_losses import LossWeights, sct_loss
 
 
@@ -31,9 +31,10 @@ class SCTTrainConfig:
     """Hyper-parameters of one training run.
 
     Attributes:
-        arch: ``"glfc"`` or ``"unet"`` (:data:`models.networks.glfc.DEFAULT_CONFIGS`).
+        arch: ``"glfc"``, ``"unet"`` or ``"unet3d"``
+            (:data:`models.networks.glfc.DEFAULT_CONFIGS`).
         steps: Total optimiser steps.
-        batch: Slices per step.
+        batch: Slices per step (2.5D) or patches of ``patch_slices`` slices (``unet3d``).
         lr: Peak learning rate.
         warmup: Linear warm-up steps.
         seed: Seed of initialisation and sampling.
@@ -98,14 +99,16 @@ def body_fov_mae(sct_hu: np.ndarray, case: SCTCase) -> tuple[float, float]:
 
 
 def validate(
-    network: torch.nn.Module, cases: Sequence[SCTCase], context: int, precision: str
+    network: torch.nn.Module,
+    cases: Sequence[SCTCase],
+    network_config: dict[str, Any],
+    precision: str,
 ) -> dict[str, Any]:
     """Translate each validation volume; MAE per case and mean (HU, body and FOV)."""
     per_case = {}
     for case in cases:
-        sct = predict_volume(
-            network, np.asarray(case.cbct, np.float32), context, bf16=precision == "bf16"
-        )
+        cbct = np.asarray(case.cbct, np.float32)
+        sct = predict_canonical(network, network_config, cbct, bf16=precision == "bf16")
         sct[~case.fov] = np.asarray(case.cbct, np.float32)[~case.fov]
         mae, raw = body_fov_mae(sct, case)
         per_case[case.name] = {"mae_hu": round(mae, 2), "cbct_mae_hu": round(raw, 2)}
@@ -186,6 +189,7 @@ def train(
             # that are not here would end the run with the last state under the best's name
             best = {"mae_hu": float("inf"), "step": -1}
     context = int(net_config["context"])
+    depth = int(net_config["patch_slices"]) if network.dims == 3 else 0
 
     def state(step: int) -> dict[str, Any]:
         return {
@@ -206,12 +210,15 @@ def train(
         network.train()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
-        x, y, m = (
-            torch.from_numpy(a).to(dev)
-            for a in sample_batch(cases, config.seed, step, config.batch, context, config.size)
-        )
+        if depth:
+            arrays = sample_patches(cases, config.seed, step, config.batch, depth, config.size)
+        else:
+            arrays = sample_batch(cases, config.seed, step, config.batch, context, config.size)
+        x, y, m = (torch.from_numpy(a).to(dev) for a in arrays)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
             pred = network(x)
+        if depth:  # the same slice-wise loss: (B, 1, D, H, W) -> (B * D, 1, H, W)
+            pred, y, m = (t.transpose(1, 2).reshape(-1, 1, *t.shape[-2:]) for t in (pred, y, m))
         loss, terms = sct_loss(pred, y, m, config.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -233,7 +240,7 @@ def train(
         validating = config.validate_every and done % config.validate_every == 0
         if val_cases and (validating or done == config.steps):
             network.eval()
-            result = validate(network, val_cases, context, config.precision)
+            result = validate(network, val_cases, net_config, config.precision)
             history.append({"step": done, "validation": result})
             if log is not None:
                 log(history[-1])

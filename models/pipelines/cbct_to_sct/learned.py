@@ -1,4 +1,4 @@
-"""The ``learned`` method of ``cbct-to-sct``: the trained 2.5D network applied to a CBCT volume.
+"""The ``learned`` method of ``cbct-to-sct``: a trained network applied to a CBCT volume.
 
 Steps of :func:`translate`:
 
@@ -7,8 +7,9 @@ Steps of :func:`translate`:
    permutation and flips only.
 2. Where the voxel spacing lies outside the range the network was trained on (the weights file
    records it), resample linearly to the nearest spacing inside that range; else keep the grid.
-3. Translate slice by slice (``2 context + 1`` neighbouring slices in, edge slices repeated),
-   in batches, bf16 autocast on CPU.
+3. Translate slice by slice (2.5D networks: ``2 context + 1`` neighbouring slices in, edge
+   slices repeated), in batches, or in overlapping slabs of whole slices (the 3D network:
+   :func:`predict_volume_3d`), bf16 autocast on CPU.
 4. The network predicts a correction added to the CBCT; when the grid was resampled, only the
    correction is resampled back (linear), so the CBCT's own detail on the source grid is kept.
 5. Undo the reorientation: the sCT lies on the CBCT's grid, ``(k, j, i)``.
@@ -32,6 +33,7 @@ from scipy import ndimage
 from models.devices import resolve_device
 from models.errors import InputRejected, PipelineFailed
 from models.networks.glfc import HU_SCALE, SCTUNet, build_network
+from models.networks.sct_unet3d import SCTUNet3D
 from models.networks.selective_scan import backend_for
 from models.pipelines.segment.geometry import reorientation
 from models.result import ProgressCallback, no_progress
@@ -45,7 +47,7 @@ SIZE_MULTIPLE = 8
 """Slices are padded with air to a multiple of this (three 2x poolings)."""
 
 
-def load_weights(path: Path, device: torch.device) -> tuple[SCTUNet, dict[str, Any]]:
+def load_weights(path: Path, device: torch.device) -> tuple[SCTUNet | SCTUNet3D, dict[str, Any]]:
     """Build the network a weights file describes and load it (eval mode, float32).
 
     Args:
@@ -144,6 +146,85 @@ def predict_volume(
     return out
 
 
+@torch.inference_mode()
+def predict_volume_3d(
+    network: torch.nn.Module,
+    cbct_hu: npt.NDArray[np.float32],
+    patch_slices: int,
+    *,
+    bf16: bool = True,
+    progress: ProgressCallback = no_progress,
+) -> npt.NDArray[np.float32]:
+    """Translate a canonical CBCT volume with a 3D network, in overlapping slabs.
+
+    Slabs of ``patch_slices`` whole slices (the training patch depth, so that GroupNorm sees
+    inputs of the extent it was trained on) start every ``patch_slices / 2`` slices; each
+    slab's central half is kept (the volume is padded by a quarter slab at both ends, edge
+    slices repeated), so no kept slice lies within a quarter slab of a slab's edge.
+
+    Args:
+        network: The 3D sCT network (eval mode), ``(B, 1, D, H, W)`` in and out.
+        cbct_hu: CBCT in HU on the canonical grid, ``(K, H, W)`` (axial slices on axis 0).
+        patch_slices: Slab depth (a multiple of 4).
+        bf16: bf16 autocast (CPU and CUDA).
+        progress: Called with the fraction of slices done.
+
+    Returns:
+        sCT in HU, ``(K, H, W)`` float32.
+    """
+    if patch_slices % 4:
+        raise InputRejected(f"patch_slices must be a multiple of 4, got {patch_slices}")
+    device = next(network.parameters()).device
+    k_n, h, w = cbct_hu.shape
+    quarter, half = patch_slices // 4, patch_slices // 2
+    n_slabs = -(-k_n // half)
+    tail = n_slabs * half + 2 * quarter - k_n - quarter
+    ph, pw = (-h) % SIZE_MULTIPLE, (-w) % SIZE_MULTIPLE
+    padded = np.pad(
+        np.asarray(cbct_hu, np.float32) / HU_SCALE, ((quarter, tail), (0, ph), (0, pw)), "edge"
+    )
+    if ph or pw:
+        padded[:, h:, :] = AIR_HU / HU_SCALE
+        padded[:, :, w:] = AIR_HU / HU_SCALE
+    volume = torch.from_numpy(padded).to(device)
+    out = np.empty((n_slabs * half, h, w), np.float32)
+    for i in range(n_slabs):
+        x = volume[i * half : i * half + patch_slices][None, None]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            y = network(x)
+        kept = y[0, 0, quarter : quarter + half, :h, :w].float().cpu().numpy()
+        out[i * half : (i + 1) * half] = kept * HU_SCALE
+        progress(min((i + 1) * half, k_n) / k_n, "translate slabs")
+    return out[:k_n]
+
+
+def predict_canonical(
+    network: torch.nn.Module,
+    network_config: dict[str, Any],
+    cbct_hu: npt.NDArray[np.float32],
+    *,
+    bf16: bool = True,
+    progress: ProgressCallback = no_progress,
+) -> npt.NDArray[np.float32]:
+    """Translate a canonical CBCT volume with a 2.5D or 3D network (by its config).
+
+    Args:
+        network: The sCT network (eval mode) built from ``network_config``.
+        network_config: Its config (:data:`models.networks.glfc.DEFAULT_CONFIGS`).
+        cbct_hu: CBCT in HU on the canonical grid, ``(K, H, W)``.
+        bf16: bf16 autocast.
+        progress: Called with the fraction done.
+
+    Returns:
+        sCT in HU, ``(K, H, W)`` float32.
+    """
+    if getattr(network, "dims", 2) == 3:
+        depth = int(network_config["patch_slices"])
+        return predict_volume_3d(network, cbct_hu, depth, bf16=bf16, progress=progress)
+    context = int(network_config["context"])
+    return predict_volume(network, cbct_hu, context, bf16=bf16, progress=progress)
+
+
 def _network_spacing(
     spacing: tuple[float, float, float], ranges: dict[str, list[float]]
 ) -> tuple[float, float, float]:
@@ -201,8 +282,7 @@ def translate(
     )
     resampled = shape != canonical.shape
     net_in = _resample(canonical, shape)
-    context = int(record["network"]["context"])
-    net_out = predict_volume(network, net_in, context, bf16=True, progress=progress)
+    net_out = predict_canonical(network, record["network"], net_in, progress=progress)
     correction = _resample(net_out - net_in, canonical.shape)
     sct = reorient.invert(canonical + correction)
     facts = {
