@@ -172,10 +172,11 @@ _SPECS: tuple[PipelineSpec, ...] = (
     ),
     PipelineSpec(
         name="cbct-to-sct",
-        version="0.2.0",
+        version="0.3.0",
         summary=(
-            "Synthetic CT in HU from a cone-beam CT: the learned 2.5D network (default: plain "
-            "UNet; or the GLFC-style UNet with Mamba-2 selective-scan skips), trained on CBCT "
+            "Synthetic CT in HU from a cone-beam CT: the learned network (default: the 2.5D "
+            "GLFC-style UNet with Mamba-2 selective-scan skips; or the plain 2.5D or 3D UNet "
+            "baselines), trained on CBCT "
             "simulated from real OpenKBP head-and-neck CTs; or identity / hu-calibration "
             "(quantile matching of body HU to a reference distribution of OpenKBP training "
             "CTs); field of view estimated from the CBCT and truncation flagged; "

@@ -93,7 +93,7 @@ def test_bad_weights_files_are_refused(tmp_path: Path) -> None:
         load_weights(bad, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("network", ["glfc", "unet"])
+@pytest.mark.parametrize("network", ["glfc", "unet", "unet3d"])
 def test_shipped_network_reduces_the_error_of_a_held_out_cbct(network: str) -> None:
     if not (MODELS_DIR / NETWORK_WEIGHTS[network]).is_file():
         pytest.skip(f"{NETWORK_WEIGHTS[network]} is not shipped")

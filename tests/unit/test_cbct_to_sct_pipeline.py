@@ -170,9 +170,9 @@ def test_a_reference_on_a_finer_grid_is_resampled_onto_the_cbct(identity, trunca
 
 def test_learned_without_weights_is_refused_and_registry_record(truncated, monkeypatch):
     cbct, _ = truncated
-    monkeypatch.setitem(NETWORK_WEIGHTS, "glfc", "weights/cbct_to_sct/missing/model.pt")
+    monkeypatch.setitem(NETWORK_WEIGHTS, "unet3d", "weights/cbct_to_sct/missing/model.pt")
     with pytest.raises(InputRejected, match="not installed"):
-        run({"image": cbct}, CBCTToSCTParams(method="learned", network="glfc"), _quiet)
+        run({"image": cbct}, CBCTToSCTParams(method="learned", network="unet3d"), _quiet)
     spec = get_spec("cbct-to-sct")
     assert [(i.name, i.required) for i in spec.inputs] == [("image", True), ("reference", False)]
     assert spec.weights == LEARNED_WEIGHTS == NETWORK_WEIGHTS[DEFAULT_NETWORK]
