@@ -6,8 +6,9 @@ inference pass per million output voxels for:
 
 * the shipped 2.5D GLFC network and the plain 2.5D UNet (:mod:`models.networks.glfc`), on a
   batch of 8 slices of 128 x 128 with 2 neighbours per side;
-* the 3D network of the comparison, ``unet3d`` (:mod:`models.networks.sct_unet3d`: the plain
-  UNet in 3D, 0.78 M parameters), on the patch it trains on: 1 x 16 x 128 x 128;
+* the 3D network of the comparison, ``unet3d`` (``SCTUNet(dims=3)`` in
+  :mod:`models.networks.glfc`: the plain UNet in 3D, 0.78 M parameters), on the patch it
+  trains on: 1 x 16 x 128 x 128;
 * the baseline: a 3D UNet of the same depth and about the same parameter count
   (MONAI ``UNet``, 3D, channels 16/32/64/128, one residual unit per level) on 2 patches of
   64 x 128 x 128 (about the voxels of a 2.5D batch x 8).

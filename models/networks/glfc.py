@@ -12,8 +12,9 @@ feature map is flattened in four orders (rows and columns, each forwards and bac
 sequence goes through one Mamba-2 selective scan (:mod:`models.networks.selective_scan`: the
 CUDA kernel when ``mamba_ssm`` is installed on a GPU, else an exact pure-PyTorch chunked scan),
 and the four outputs are merged back. :func:`build_network` builds either architecture from a
-JSON-compatible config (weights files store it), ``"glfc"`` or ``"unet"`` (the same UNet with
-plain identity skips, widened to about the same number of parameters).
+JSON-compatible config (weights files store it), ``"glfc"``, ``"unet"`` (the same UNet with
+plain identity skips, widened to about the same number of parameters) or ``"unet3d"`` (the plain
+UNet with 3D convolutions on patches of slices: the 2.5D-vs-3D baseline).
 
 Tensors are ``(batch, channels, rows, cols)``; intensities are normalised HU
 (:data:`HU_SCALE`).
@@ -28,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.networks.sct_unet3d import SCTUNet3D
 from models.networks.selective_scan import selective_scan
 
 HU_SCALE = 1000.0
@@ -39,28 +39,39 @@ def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(8, channels), channels)
 
 
-class ConvBlock(nn.Module):
-    """Two 3 x 3 convolutions with GroupNorm and SiLU, and a 1 x 1 residual path."""
+CONV: dict[int, type[nn.Conv2d] | type[nn.Conv3d]] = {2: nn.Conv2d, 3: nn.Conv3d}
+UP: dict[int, type[nn.ConvTranspose2d] | type[nn.ConvTranspose3d]] = {
+    2: nn.ConvTranspose2d,
+    3: nn.ConvTranspose3d,
+}
+POOL = {2: F.max_pool2d, 3: F.max_pool3d}
+"""Layers by spatial dimensions of a sample (2: a slice, 3: a patch of slices)."""
 
-    def __init__(self, c_in: int, c_out: int) -> None:
+
+class ConvBlock(nn.Module):
+    """Two 3 x 3 (x 3) convolutions with GroupNorm and SiLU, and a 1 x 1 (x 1) residual path."""
+
+    def __init__(self, c_in: int, c_out: int, dims: int = 2) -> None:
         """Build the block.
 
         Args:
             c_in: Input channels.
             c_out: Output channels.
+            dims: Spatial dimensions, 2 or 3.
         """
         super().__init__()
+        conv = CONV[dims]
         self.body = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            conv(c_in, c_out, 3, padding=1, bias=False),
             _norm(c_out),
             nn.SiLU(),
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            conv(c_out, c_out, 3, padding=1, bias=False),
             _norm(c_out),
         )
-        self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1, bias=False)
+        self.skip = nn.Identity() if c_in == c_out else conv(c_in, c_out, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, c_in, H, W)`` -> ``(B, c_out, H, W)``."""
+        """``(B, c_in, *spatial)`` -> ``(B, c_out, *spatial)``."""
         return F.silu(self.body(x) + self.skip(x))
 
 
@@ -146,17 +157,14 @@ class SkipMamba(nn.Module):
 
 
 class SCTUNet(nn.Module):
-    """2.5D UNet predicting an HU correction; optional :class:`SkipMamba` in the skips.
+    """UNet predicting an HU correction; optional :class:`SkipMamba` in the skips (2.5D only).
 
-    ``dims = 2``: a sample is one slice (:class:`~models.networks.sct_unet3d.SCTUNet3D` has 3).
-
-    ``forward(x)``: ``x`` ``(B, 2 * context + 1, H, W)`` normalised CBCT slices (H, W multiples
-    of ``2 ** (levels - 1)``); returns ``(B, 1, H, W)``: the centre slice plus the predicted
-    correction, normalised sCT.
+    2.5D (``dims = 2``): ``forward(x)``, ``x`` ``(B, 2 * context + 1, H, W)`` normalised CBCT
+    slices, returns ``(B, 1, H, W)``: the centre slice plus the predicted correction.
+    3D (``dims = 3``, ``context = 0``): ``x`` ``(B, 1, D, H, W)``, a patch of slices, returns
+    the patch plus its correction, ``(B, 1, D, H, W)``. Spatial sizes must be multiples of
+    ``2 ** (levels - 1)``; intensities are normalised HU.
     """
-
-    dims = 2
-    """Spatial dimensions of a sample."""
 
     def __init__(
         self,
@@ -165,25 +173,32 @@ class SCTUNet(nn.Module):
         global_skips: tuple[bool, ...] = (False, False, True, True),
         d_state: int = 16,
         state_groups: int | None = None,
+        dims: int = 2,
     ) -> None:
         """Build the network.
 
         Args:
-            context: Neighbouring slices on each side of the centre slice.
+            context: Neighbouring slices on each side of the centre slice (0 in 3D).
             features: Channels per resolution level (first: full resolution).
             global_skips: Per level, whether its skip passes through a :class:`SkipMamba`
                 (the deepest level is the bottleneck: there the block follows the encoder).
             d_state: State size of the selective scans.
             state_groups: B/C groups per :class:`SkipMamba` (``None``: one per head).
+            dims: Spatial dimensions of a sample: 2 (slices) or 3 (patches).
+
+        Raises:
+            ValueError: Inconsistent flags, or scan blocks or context asked for in 3D.
         """
         super().__init__()
         if len(global_skips) != len(features):
             raise ValueError("global_skips needs one flag per level")
-        self.context = context
+        if dims not in CONV or (dims == 3 and (context or any(global_skips))):
+            raise ValueError("dims is 2, or 3 with context 0 and no scan blocks")
+        self.context, self.dims = context, dims
         c_in = 2 * context + 1
         self.encoders = nn.ModuleList()
         for c_out in features:
-            self.encoders.append(ConvBlock(c_in, c_out))
+            self.encoders.append(ConvBlock(c_in, c_out, dims))
             c_in = c_out
         self.skips = nn.ModuleList(
             SkipMamba(f, d_state, groups=state_groups) if g else nn.Identity()
@@ -192,21 +207,21 @@ class SCTUNet(nn.Module):
         self.ups = nn.ModuleList()
         self.decoders = nn.ModuleList()
         for lo, hi in itertools.pairwise(features):
-            self.ups.append(nn.ConvTranspose2d(hi, lo, 2, stride=2))
-            self.decoders.append(ConvBlock(2 * lo, lo))
-        self.head = nn.Conv2d(features[0], 1, 1)
+            self.ups.append(UP[dims](hi, lo, 2, stride=2))
+            self.decoders.append(ConvBlock(2 * lo, lo, dims))
+        self.head = CONV[dims](features[0], 1, 1)
         nn.init.zeros_(self.head.weight)
         if self.head.bias is not None:
             nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 2 context + 1, H, W)`` -> ``(B, 1, H, W)`` (normalised sCT)."""
+        """``(B, 2 context + 1, H, W)`` or ``(B, 1, D, H, W)`` -> the sCT, ``(B, 1, ...)``."""
         centre = x[:, self.context : self.context + 1]
         skips = []
         h = x
         for level, (enc, skip) in enumerate(zip(self.encoders, self.skips, strict=True)):
             if level:
-                h = F.max_pool2d(h, 2)
+                h = POOL[self.dims](h, 2)
             h = enc(h)
             skips.append(skip(h))
         h = skips[-1]
@@ -246,13 +261,13 @@ resolution (on 128 x 128 slices: 32 x 32 and 16 x 16 tokens; at 1/2 resolution t
 pure-PyTorch scan cost 1.6 s of a batch-8 training step on one CPU thread) whose B/C
 projections are shared by all heads of a block (Mamba-2's default ``ngroups = 1``): 0.753 M
 parameters. The plain UNet: 0.774 M parameters (3 % more than GLFC). ``unet3d``: the plain
-UNet in 3D (:class:`~models.networks.sct_unet3d.SCTUNet3D`, 0.781 M parameters), trained and
+UNet in 3D (``dims = 3``, 0.781 M parameters), trained and
 applied on patches of ``patch_slices`` axial slices (the 3D side of issue 7's 2.5D-or-3D
 measurement). Weights files store their own config, so the first GLFC network (16/32/64/128,
 one B/C pair per head, 0.738 M) still loads."""
 
 
-def build_network(config: dict[str, Any]) -> SCTUNet | SCTUNet3D:
+def build_network(config: dict[str, Any]) -> SCTUNet:
     """Build the network a config describes (``arch``, ``context``, ``features``...).
 
     Raises:
@@ -261,16 +276,15 @@ def build_network(config: dict[str, Any]) -> SCTUNet | SCTUNet3D:
     arch = config.get("arch")
     if arch not in DEFAULT_CONFIGS:
         raise ValueError(f"unknown sCT architecture {arch!r} (known: {sorted(DEFAULT_CONFIGS)})")
-    if arch == "unet3d":
-        if int(config["patch_slices"]) % 2 ** (len(config["features"]) - 1):
-            raise ValueError("patch_slices must be a multiple of 2 ** (levels - 1)")
-        return SCTUNet3D(features=tuple(int(f) for f in config["features"]))
+    if arch == "unet3d" and int(config["patch_slices"]) % 2 ** (len(config["features"]) - 1):
+        raise ValueError("patch_slices must be a multiple of 2 ** (levels - 1)")
     return SCTUNet(
         context=int(config["context"]),
         features=tuple(int(f) for f in config["features"]),
         global_skips=tuple(bool(g) for g in config["global_skips"]),
         d_state=int(config.get("d_state", 16)),
         state_groups=None if config.get("state_groups") is None else int(config["state_groups"]),
+        dims=3 if arch == "unet3d" else 2,
     )
 
 

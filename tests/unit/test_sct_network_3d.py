@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from models.errors import InputRejected
-from models.networks.glfc import DEFAULT_CONFIGS, build_network, parameter_count
-from models.networks.sct_unet3d import SCTUNet3D
+from models.networks.glfc import DEFAULT_CONFIGS, SCTUNet, build_network, parameter_count
 from models.pipelines.cbct_to_sct.learned import predict_canonical, predict_volume_3d
 from models.training.sct_data import SCTCase, sample_patches
 from models.training.sct_train import SCTTrainConfig, train
@@ -25,7 +24,6 @@ def _case(seed: int, shape: tuple[int, int, int] = (20, 40, 36)) -> SCTCase:
 
 def test_3d_network_is_the_plain_unet_in_3d_of_about_its_size() -> None:
     net3d = build_network(DEFAULT_CONFIGS["unet3d"]).eval()
-    assert isinstance(net3d, SCTUNet3D)
     assert net3d.dims == 3
     plain = parameter_count(build_network(DEFAULT_CONFIGS["unet"]))
     assert abs(parameter_count(net3d) - plain) < 0.02 * plain
@@ -34,6 +32,8 @@ def test_3d_network_is_the_plain_unet_in_3d_of_about_its_size() -> None:
         assert torch.equal(net3d(x), x)  # zero head: an untrained network is the identity
     with pytest.raises(ValueError, match="patch_slices"):
         build_network({**DEFAULT_CONFIGS["unet3d"], "patch_slices": 12})
+    with pytest.raises(ValueError, match="no scan blocks"):  # the scan is a 2D block
+        SCTUNet(context=0, features=(16, 32), global_skips=(False, True), dims=3)
 
 
 def test_sample_patches_are_consecutive_slices_and_a_function_of_seed_and_step() -> None:
@@ -59,7 +59,7 @@ def test_sample_patches_are_consecutive_slices_and_a_function_of_seed_and_step()
 
 def test_slab_inference_keeps_each_slabs_centre_and_covers_every_slice() -> None:
     torch.manual_seed(0)
-    net = SCTUNet3D(features=(8, 16)).eval()
+    net = SCTUNet(context=0, features=(8, 16), global_skips=(False, False), dims=3).eval()
     torch.nn.init.normal_(net.head.weight, std=0.5)  # a network that changes its input
     cbct = np.random.default_rng(0).normal(0, 300, (13, 16, 24)).astype(np.float32)
     out = predict_volume_3d(net, cbct, 8, bf16=False)

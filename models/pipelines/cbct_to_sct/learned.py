@@ -33,7 +33,6 @@ from scipy import ndimage
 from models.devices import resolve_device
 from models.errors import InputRejected, PipelineFailed
 from models.networks.glfc import HU_SCALE, SCTUNet, build_network
-from models.networks.sct_unet3d import SCTUNet3D
 from models.networks.selective_scan import backend_for
 from models.pipelines.segment.geometry import reorientation
 from models.result import ProgressCallback, no_progress
@@ -47,7 +46,7 @@ SIZE_MULTIPLE = 8
 """Slices are padded with air to a multiple of this (three 2x poolings)."""
 
 
-def load_weights(path: Path, device: torch.device) -> tuple[SCTUNet | SCTUNet3D, dict[str, Any]]:
+def load_weights(path: Path, device: torch.device) -> tuple[SCTUNet, dict[str, Any]]:
     """Build the network a weights file describes and load it (eval mode, float32).
 
     Args:
