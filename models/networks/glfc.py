@@ -16,8 +16,8 @@ JSON-compatible config (weights files store it), ``"glfc"``, ``"unet"`` (the sam
 plain identity skips, widened to about the same number of parameters) or ``"unet3d"`` (the plain
 UNet with 3D convolutions on patches of slices: the 2.5D-vs-3D baseline).
 
-Tensors are ``(batch, channels, rows, cols)``; intensities are normalised HU
-(:data:`HU_SCALE`).
+Tensors are ``(batch, channels, rows, cols)`` (3D: ``(batch, channels, slices, rows, cols)``);
+intensities are normalised HU (:data:`HU_SCALE`).
 """
 
 from __future__ import annotations
