@@ -99,6 +99,30 @@ def weights_record(
     }
 
 
+def _network_input(
+    cbct_hu: npt.NDArray[np.float32], axial_pad: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """The canonical CBCT in network units, padded for the network.
+
+    Args:
+        cbct_hu: ``(K, H, W)`` HU.
+        axial_pad: Slices added before and after (edge slices repeated).
+        device: Where the tensor goes.
+
+    Returns:
+        ``(K + pads, H', W')`` float32 with ``H'``, ``W'`` the next multiples of
+        :data:`SIZE_MULTIPLE` (the added rows and columns are air).
+    """
+    h, w = cbct_hu.shape[1:]
+    ph, pw = (-h) % SIZE_MULTIPLE, (-w) % SIZE_MULTIPLE
+    padded = np.pad(
+        np.asarray(cbct_hu, np.float32) / HU_SCALE, (axial_pad, (0, ph), (0, pw)), mode="edge"
+    )
+    padded[:, h:, :] = AIR_HU / HU_SCALE
+    padded[:, :, w:] = AIR_HU / HU_SCALE
+    return torch.from_numpy(padded).to(device)
+
+
 @torch.inference_mode()
 def predict_volume(
     network: torch.nn.Module,
@@ -124,16 +148,7 @@ def predict_volume(
     """
     device = next(network.parameters()).device
     k_n, h, w = cbct_hu.shape
-    ph, pw = (-h) % SIZE_MULTIPLE, (-w) % SIZE_MULTIPLE
-    padded = np.pad(
-        np.asarray(cbct_hu, np.float32) / HU_SCALE,
-        ((context, context), (0, ph), (0, pw)),
-        mode="edge",
-    )
-    if ph or pw:
-        padded[:, h:, :] = AIR_HU / HU_SCALE
-        padded[:, :, w:] = AIR_HU / HU_SCALE
-    volume = torch.from_numpy(padded).to(device)
+    volume = _network_input(cbct_hu, (context, context), device)
     out = np.empty((k_n, h, w), np.float32)
     for start in range(0, k_n, batch):
         stop = min(start + batch, k_n)
@@ -178,14 +193,7 @@ def predict_volume_3d(
     quarter, half = patch_slices // 4, patch_slices // 2
     n_slabs = -(-k_n // half)
     tail = n_slabs * half + 2 * quarter - k_n - quarter
-    ph, pw = (-h) % SIZE_MULTIPLE, (-w) % SIZE_MULTIPLE
-    padded = np.pad(
-        np.asarray(cbct_hu, np.float32) / HU_SCALE, ((quarter, tail), (0, ph), (0, pw)), "edge"
-    )
-    if ph or pw:
-        padded[:, h:, :] = AIR_HU / HU_SCALE
-        padded[:, :, w:] = AIR_HU / HU_SCALE
-    volume = torch.from_numpy(padded).to(device)
+    volume = _network_input(cbct_hu, (quarter, tail), device)
     out = np.empty((n_slabs * half, h, w), np.float32)
     for i in range(n_slabs):
         x = volume[i * half : i * half + patch_slices][None, None]

@@ -35,7 +35,7 @@ from models.labels import CodedTerm, LabelInfo, LabelMap
 from models.pipelines.cbct_to_sct.calibration import calibrate, load_reference
 from models.pipelines.cbct_to_sct.figures import difference_figure
 from models.pipelines.cbct_to_sct.fov import FieldOfView, estimate_fov
-from models.pipelines.cbct_to_sct.masks import axial_axis, body_mask
+from models.pipelines.cbct_to_sct.masks import HU_LIMITS, axial_axis, body_mask
 from models.pipelines.cbct_to_sct.metrics import evaluation_mask, image_metrics, metric_definitions
 from models.pipelines.cbct_to_sct.params import HU_REFERENCE, NETWORK_WEIGHTS, CBCTToSCTParams
 from models.pipelines.cbct_to_sct.reference import AlignedReference, align_reference
@@ -50,9 +50,6 @@ OUTPUT = "sct"
 """Name of the output volume."""
 
 MODELS_DIR = Path(__file__).resolve().parents[2]
-
-SCT_RANGE_HU = (-1024.0, 3071.0)
-"""The learned sCT is clipped to the 12-bit CT range (as ``hu-calibration`` is)."""
 """The ``models`` package folder (weights and the HU reference are relative to it)."""
 
 AIR_HU = -1000.0
@@ -105,9 +102,8 @@ def _learned(
         progress(0.2 + 0.6 * min(max(fraction, 0.0), 1.0), step)
 
     sct, facts = translate(cbct, weights, resolve_device(params.device), sub)
-    lo, hi = SCT_RANGE_HU
-    facts["clipped_to_hu"] = [lo, hi]
-    sct = np.clip(np.asarray(sct, dtype=np.float32), lo, hi)
+    facts["clipped_to_hu"] = list(HU_LIMITS)  # as hu-calibration's curve is
+    sct = np.clip(np.asarray(sct, dtype=np.float32), *HU_LIMITS)
     return sct, dict(facts), file_sha256(weights)
 
 
