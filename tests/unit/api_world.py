@@ -76,13 +76,18 @@ def upload_ct(client: TestClient, caller: Caller) -> dict[str, Any]:
     return dict(response.json())
 
 
-def upload_nifti(client: TestClient, caller: Caller) -> dict[str, Any]:
-    data = require_path(NIFTI).read_bytes()
-    response = client.post(
-        "/studies",
-        files=[("files", (NIFTI.name, data, "application/gzip"))],
+def post_nifti(client: TestClient, caller: Caller, path: Path = NIFTI, query: str = "") -> Any:
+    """``POST /studies{query}`` with one NIfTI file; the response, whatever its status."""
+    data = require_path(path).read_bytes()
+    return client.post(
+        f"/studies{query}",
+        files=[("files", (path.name, data, "application/gzip"))],
         headers=caller.headers,
     )
+
+
+def upload_nifti(client: TestClient, caller: Caller) -> dict[str, Any]:
+    response = post_nifti(client, caller)
     assert response.status_code == 201, response.text
     return dict(response.json())
 

@@ -31,6 +31,7 @@ from tests.unit.api_world import (  # noqa: F401
     assert_error,
     client,
     new_caller,
+    post_nifti,
     settings,
 )
 from workers.job_runner import run_job
@@ -38,12 +39,20 @@ from workers.job_runner import run_job
 IDENTITY = {"pipeline": "cbct-to-sct", "params": {"method": "identity"}}
 
 
-def _upload(client: TestClient, caller: Caller, path: Path, query: str = "") -> Any:  # noqa: F811
-    return client.post(
-        f"/studies{query}",
-        files=[("files", (path.name, path.read_bytes(), "application/gzip"))],
-        headers=caller.headers,
+def _run_identity(
+    client: TestClient,  # noqa: F811
+    settings: Settings,  # noqa: F811
+    caller: Caller,
+    series_id: str,
+) -> dict[str, Any]:
+    """Submit ``cbct-to-sct`` identity on a series, run it in this process; its status."""
+    response = client.post(
+        "/jobs", json={**IDENTITY, "series_id": series_id}, headers=caller.headers
     )
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    assert run_job(settings, job_id) == job_id
+    return dict(client.get(f"/jobs/{job_id}", headers=caller.headers).json())
 
 
 def _series(response: Any) -> dict[str, Any]:
@@ -85,16 +94,11 @@ def test_declared_ct_is_stored_and_run_as_hu(
     caller: Caller,
     plain_ct: Path,
 ) -> None:
-    series = _series(_upload(client, caller, plain_ct, "?nifti_modality=CT"))
+    series = _series(post_nifti(client, caller, plain_ct, "?nifti_modality=CT"))
     assert (series["kind"], series["modality"]) == ("nifti", "CT")
-    response = client.post(
-        "/jobs", json={**IDENTITY, "series_id": series["id"]}, headers=caller.headers
-    )
-    assert response.status_code == 201, response.text
-    job_id = response.json()["id"]
-    assert run_job(settings, job_id) == job_id
-    status = client.get(f"/jobs/{job_id}", headers=caller.headers).json()
+    status = _run_identity(client, settings, caller, series["id"])
     assert status["state"] == "succeeded", status
+    job_id = status["id"]
     assert status["measurements"]["method"] == "identity"
     sct = client.get(f"/jobs/{job_id}/outputs/sct.nii.gz", headers=caller.headers)
     assert sct.status_code == 200
@@ -111,7 +115,7 @@ def test_lower_case_declaration_is_accepted(
     caller: Caller,
     plain_ct: Path,
 ) -> None:
-    series = _series(_upload(client, caller, plain_ct, "?nifti_modality=ct"))
+    series = _series(post_nifti(client, caller, plain_ct, "?nifti_modality=ct"))
     assert series["modality"] == "CT"
 
 
@@ -120,7 +124,7 @@ def test_undeclared_nifti_is_ot_and_ct_pipelines_refuse_it(
     caller: Caller,
     plain_ct: Path,
 ) -> None:
-    series = _series(_upload(client, caller, plain_ct))
+    series = _series(post_nifti(client, caller, plain_ct))
     assert series["modality"] == "OT"
     response = client.post(
         "/jobs", json={**IDENTITY, "series_id": series["id"]}, headers=caller.headers
@@ -134,13 +138,13 @@ def test_declaring_later_fills_in_the_stored_ot(
     caller: Caller,
     plain_ct: Path,
 ) -> None:
-    first = _series(_upload(client, caller, plain_ct))
-    again = _series(_upload(client, caller, plain_ct, "?nifti_modality=CT"))
+    first = _series(post_nifti(client, caller, plain_ct))
+    again = _series(post_nifti(client, caller, plain_ct, "?nifti_modality=CT"))
     assert again["id"] == first["id"]
     assert again["modality"] == "CT"
-    undeclared = _series(_upload(client, caller, plain_ct))
+    undeclared = _series(post_nifti(client, caller, plain_ct))
     assert undeclared["modality"] == "CT", "an undeclared re-upload keeps the declaration"
-    refused = _upload(client, caller, plain_ct, "?nifti_modality=MR")
+    refused = post_nifti(client, caller, plain_ct, "?nifti_modality=MR")
     error = assert_error(refused, 422, "input_rejected")
     assert "already stored" in error["message"]
     assert "modality CT, not MR" in error["message"]
@@ -154,13 +158,13 @@ def test_declaration_contradicting_the_header_is_refused(
 ) -> None:
     before = _study_count(settings)
     error = assert_error(
-        _upload(client, caller, mr_nifti, "?nifti_modality=CT"), 422, "input_rejected"
+        post_nifti(client, caller, mr_nifti, "?nifti_modality=CT"), 422, "input_rejected"
     )
     assert "declared nifti_modality CT" in error["message"]
     assert "header says it is MR" in error["message"]
     assert mr_nifti.name in error["message"]
     assert _study_count(settings) == before, "nothing is stored"
-    assert _series(_upload(client, caller, mr_nifti, "?nifti_modality=MR"))["modality"] == "MR"
+    assert _series(post_nifti(client, caller, mr_nifti, "?nifti_modality=MR"))["modality"] == "MR"
 
 
 def test_invalid_declaration_is_refused_before_the_body(
@@ -169,7 +173,7 @@ def test_invalid_declaration_is_refused_before_the_body(
     plain_ct: Path,
 ) -> None:
     error = assert_error(
-        _upload(client, caller, plain_ct, "?nifti_modality=C%20T"), 422, "input_rejected"
+        post_nifti(client, caller, plain_ct, "?nifti_modality=C%20T"), 422, "input_rejected"
     )
     assert "not a DICOM modality code" in error["message"]
 
@@ -181,17 +185,11 @@ def test_stored_modality_contradicting_the_file_fails_the_job(
     mr_nifti: Path,
 ) -> None:
     """Upload refuses this; a row changed behind its back still cannot relabel the file."""
-    series = _series(_upload(client, caller, mr_nifti))
+    series = _series(post_nifti(client, caller, mr_nifti))
     assert series["modality"] == "MR"
     with session_scope(settings.resolved_database_url) as session:
         session.execute(update(Series).where(Series.id == series["id"]).values(modality="CT"))
-    response = client.post(
-        "/jobs", json={**IDENTITY, "series_id": series["id"]}, headers=caller.headers
-    )
-    assert response.status_code == 201, response.text
-    job_id = response.json()["id"]
-    assert run_job(settings, job_id) == job_id
-    status = client.get(f"/jobs/{job_id}", headers=caller.headers).json()
+    status = _run_identity(client, settings, caller, series["id"])
     assert status["state"] == "failed", status
     assert status["error"]["code"] == "input_rejected", status
     assert "declared modality CT, but the file says it is MR" in status["error"]["message"]
