@@ -309,18 +309,26 @@ def tv_pdhg(
     *,
     tv_weight: float = 0.001,
     nonnegative: bool = True,
+    initial: npt.ArrayLike | None = None,
+    anchor: npt.ArrayLike | None = None,
+    anchor_weight: float = 0.0,
     progress: ProgressCallback | None = None,
 ) -> Reconstruction:
     """Total-variation regularised reconstruction by preconditioned PDHG (Chambolle-Pock).
 
-    Minimises ``1/2 ||A x - y||^2 + lambda TV(x)`` subject to ``x >= 0`` (if ``nonnegative``),
-    with the isotropic TV of forward pixel differences, ``TV(x) = sum |grad x|`` (1/mm), and
-    ``lambda = tv_weight * mean(A^T 1)``, so that ``tv_weight`` does not depend on the view
-    count or pixel size (``A^T 1`` is the summed path length through a pixel, mm). The
-    operator ``K = [A; grad]`` is handled with the diagonal preconditioning of Pock and
-    Chambolle (ICCV 2011, alpha = 1): dual steps ``1 / (A 1)`` per ray and ``1/2`` for the
-    gradient, primal steps ``1 / (A^T 1 + 4)`` per pixel, so no operator norm is needed and
-    convergence is guaranteed. One forward and one adjoint projection per iteration.
+    Minimises ``1/2 ||A x - y||^2 + lambda TV(x) + mu/2 ||x - z||^2`` subject to ``x >= 0``
+    (if ``nonnegative``), with the isotropic TV of forward pixel differences,
+    ``TV(x) = sum |grad x|`` (1/mm), and ``lambda = tv_weight * mean(A^T 1)``, so that
+    ``tv_weight`` does not depend on the view count or pixel size (``A^T 1`` is the summed path
+    length through a pixel, mm). The last term, present only with an ``anchor`` image ``z``,
+    keeps the result near a prior estimate (e.g. a network's output: a data-consistency step
+    anchored to it), with ``mu = anchor_weight * mean(A^T A 1)`` on the scale of the data
+    term's curvature. The operator ``K = [A; grad]`` is handled with the diagonal
+    preconditioning of Pock and Chambolle (ICCV 2011, alpha = 1): dual steps ``1 / (A 1)`` per
+    ray and ``1/2`` for the gradient, primal steps ``tau = 1 / (A^T 1 + 4)`` per pixel, so no
+    operator norm is needed and convergence is guaranteed; the anchor enters the primal
+    proximal step in closed form, ``x = (v + tau mu z) / (1 + tau mu)``, then clipped at 0. One
+    forward and one adjoint projection per iteration (one more with an ``initial`` image).
 
     Args:
         sinogram: Line integrals, shape ``(n_views, n_det)``.
@@ -328,29 +336,48 @@ def tv_pdhg(
         iterations: Number of iterations, 1..:data:`MAX_ITERATIONS`.
         tv_weight: Regularisation strength relative to ``mean(A^T 1)``, > 0.
         nonnegative: Constrain the attenuation to be >= 0.
+        initial: Starting image (1/mm, the projector's image shape); zeros if ``None``.
+        anchor: Prior image ``z`` (1/mm, the image shape), needed when ``anchor_weight > 0``.
+        anchor_weight: ``mu`` relative to ``mean(A^T A 1)``, >= 0 (0: no anchor term).
         progress: Optional ``progress(iteration, total, residual)``.
 
     Returns:
         The image (1/mm, >= 0 if ``nonnegative``) and its report.
 
     Raises:
-        InputRejected: Bad sinogram, projector, iteration count or weight.
+        InputRejected: Bad sinogram, projector, iteration count, weights, or an initial or
+            anchor image of the wrong shape or not finite.
     """
     y = _check(sinogram, projector, iterations)
     _finite_options(tv_weight=tv_weight)
+    if (
+        isinstance(anchor_weight, bool)
+        or not math.isfinite(float(anchor_weight))
+        or anchor_weight < 0.0
+        or (anchor_weight > 0.0 and anchor is None)
+    ):
+        raise InputRejected(
+            f"anchor_weight must be >= 0 and needs an anchor image, got {anchor_weight!r}"
+        )
     norm_y = float(np.linalg.norm(y))
     shape = projector.geometry.image_shape
     column_sums = projector.adjoint(np.ones(y.shape, dtype=np.float32)).astype(np.float64)
     lam = float(tv_weight) * float(column_sums.mean())
-    sigma = _inverse(projector.forward(np.ones(shape, dtype=np.float32)))
+    row_sums = projector.forward(np.ones(shape, dtype=np.float32))
+    sigma = _inverse(row_sums)
     tau = 1.0 / (np.maximum(column_sums, 0.0) + 4.0)
-    x, x_bar = np.zeros(shape), np.zeros(shape)
-    ax_prev = np.zeros(y.shape)  # A x_{k-1}
+    mu, z = 0.0, np.zeros(shape)
+    if anchor_weight > 0.0 and anchor is not None:
+        curvature = float(projector.adjoint(row_sums).astype(np.float64).mean())
+        mu, z = float(anchor_weight) * curvature, _image(anchor, shape, "anchor")
+    x = np.zeros(shape) if initial is None else _image(initial, shape, "initial")
+    x_bar = x.copy()
+    ax_prev = np.zeros(y.shape) if initial is None else projector.forward(x).astype(np.float64)
     p, q = np.zeros(y.shape), np.zeros((2, *shape))
     tracker = _Tracker(iterations, progress)
-    tracker.add(1.0)
+    tracker.add(_relative(ax_prev, y) if initial is not None else 1.0)
     for k in range(int(iterations)):
-        ax_bar = projector.forward(x_bar).astype(np.float64) if k else np.zeros(y.shape)
+        ax_bar = projector.forward(x_bar).astype(np.float64) if k else ax_prev.copy()
         if k:  # x_bar = 2 x_k - x_{k-1}, so A x_k = (A x_bar + A x_{k-1}) / 2
             ax_k = 0.5 * (ax_bar + ax_prev)
             tracker.add(float(np.linalg.norm(ax_k - y)) / norm_y, k)
@@ -359,10 +386,30 @@ def tv_pdhg(
         q += 0.5 * _gradient(x_bar)
         q /= np.maximum(1.0, np.sqrt(np.sum(q * q, axis=0)) / lam)[None]
         x_next = x - tau * (projector.adjoint(p).astype(np.float64) - _divergence(q))
+        if mu:
+            x_next = (x_next + tau * mu * z) / (1.0 + tau * mu)
         if nonnegative:
             np.maximum(x_next, 0.0, out=x_next)
         x_bar = 2.0 * x_next - x
         x = x_next
     tracker.add(_relative(projector.forward(x), y), int(iterations))
-    params = {"tv_weight": float(tv_weight), "lambda": lam, "nonnegative": bool(nonnegative)}
+    params = {
+        "tv_weight": float(tv_weight),
+        "lambda": lam,
+        "nonnegative": bool(nonnegative),
+        "warm_start": initial is not None,
+        "anchor_weight": float(anchor_weight),
+        "mu": mu,
+    }
     return tracker.result("tv", x, params)
+
+
+def _image(values: npt.ArrayLike, shape: tuple[int, ...], name: str) -> _F64:
+    """``values`` as a finite float64 image of ``shape``, else :class:`InputRejected`."""
+    image = np.asarray(values, dtype=np.float64)
+    if image.shape != tuple(shape) or not np.isfinite(image).all():
+        raise InputRejected(
+            f"{name} image must be finite with the projector's image shape {tuple(shape)}, "
+            f"got {image.shape}"
+        )
+    return image.copy()

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(not SPLITS.exists(), reason=f"no OpenKBP data at
 SMALL = [
     "--patients", "1", "--slices", "1", "--views", "18",
     "--sirt-iterations", "5", "--cgls-iterations", "5", "--tv-iterations", "30",
+    "--tv-weak-iterations", "30", "--dc-iterations", "30",
 ]  # fmt: skip
 
 
@@ -34,14 +35,17 @@ def test_quality_part_wiring_and_physics(
     assert figures["complete"] is True
     assert [d["case"] for d in figures["data"]] == ["openkbp/validation-pats/pt_201"]
     summary = figures["summary"]
-    assert set(summary) == {"FBP", "SIRT", "CGLS", "TV", "learned"}
+    assert set(summary) == {"FBP", "SIRT", "CGLS", "TV", "TV weak", "network", "learned"}
     assert set(summary["FBP"]) == {"18", "720"}
     fbp, tv = summary["FBP"]["18"]["psnr_db"], summary["TV"]["18"]["psnr_db"]
-    # a freshly initialised network returns its input (zero head): learned == FBP
-    assert summary["learned"]["18"]["psnr_db"] == pytest.approx(fbp, abs=0.01)
+    # a freshly initialised network returns its input (zero head): network == FBP
+    assert summary["network"]["18"]["psnr_db"] == pytest.approx(fbp, abs=0.01)
+    # learned = network + its data-consistency step: TV from the (FBP) start beats FBP
+    assert summary["learned"]["18"]["psnr_db"] > fbp + 1.0
     assert tv > fbp  # TV regularisation beats FBP at 18 views (real physics)
+    assert summary["TV weak"]["18"]["psnr_db"] > fbp
     assert summary["FBP"]["720"]["psnr_db"] > fbp + 3.0
-    assert all(0.0 < summary[m]["18"]["ssim"] <= 1.0 for m in ("FBP", "TV", "learned"))
+    assert all(0.0 < summary[m]["18"]["ssim"] <= 1.0 for m in ("FBP", "TV", "network", "learned"))
 
     targets = {t["target"]: t for t in figures["targets"]}
     assert targets["learned >= FBP + 8 dB at 18 views"]["passed"] is False  # gain ~0
@@ -59,7 +63,10 @@ def test_quality_part_without_weights(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(recon_quality, "registered_weights", lambda: None)
-    args = [*SMALL, "--sirt-iterations", "0", "--cgls-iterations", "0", "--tv-iterations", "0"]
+    args = [
+        *SMALL, "--sirt-iterations", "0", "--cgls-iterations", "0", "--tv-iterations", "0",
+        "--tv-weak-iterations", "0",
+    ]  # fmt: skip
     figures = recon_quality.main(args)
     assert set(figures["summary"]) == {"FBP"}
     assert all(t["passed"] is None for t in figures["targets"])

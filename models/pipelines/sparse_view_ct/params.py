@@ -14,6 +14,14 @@ LEARNED_WEIGHTS: str | None = "weights/sparse_view_ct/gloredi_sparse_view_fp16.p
 DEFAULT_ITERATIONS: dict[str, int] = {"sirt": 200, "cgls": 12, "tv": 200}
 """Iterations used when ``iterations`` is not given (CGLS semi-converges: few iterations)."""
 
+DC_ITERATIONS = 200
+"""Iterations of the data-consistency step of ``learned`` (see :data:`DC_DEFAULTS`)."""
+
+DC_DEFAULTS: dict[str, float] = {"tv_weight": 0.0002, "anchor_weight": 0.0001}
+"""Data-consistency step of ``learned`` (tuned on held-out OpenKBP validation patients
+pt_210-213 at 18/36/60 views, not on the patients the benchmark reports; see the model card):
+a TV ten times weaker than ``tv``'s default, the network output as start and anchor."""
+
 Method = Literal["fbp", "sirt", "cgls", "tv", "learned"]
 
 DEFAULT_METHOD: Method = "tv"
@@ -85,7 +93,29 @@ class SparseViewCTParams(BaseModel):
         le=1.0,
         description="tv: regularisation strength relative to the mean summed path length",
     )
-    nonnegative: bool = Field(True, description="sirt/tv: keep attenuation >= 0")
+    nonnegative: bool = Field(True, description="sirt/tv/learned: keep attenuation >= 0")
+    data_consistency: Literal["tv", "none"] = Field(
+        "tv",
+        description="learned on a simulated scan: tv finishes with dc_iterations of "
+        "TV-regularised least squares started from and anchored to the network output "
+        "(tv_pdhg with anchor); none returns the network output. Needs projection data: "
+        "sparse-view-fbp input has none",
+    )
+    dc_iterations: int = Field(
+        DC_ITERATIONS, ge=1, le=2000, description="learned: data-consistency iterations"
+    )
+    dc_tv_weight: float = Field(
+        DC_DEFAULTS["tv_weight"],
+        gt=0.0,
+        le=1.0,
+        description="learned: TV strength of the data-consistency step (as tv_weight)",
+    )
+    dc_anchor_weight: float = Field(
+        DC_DEFAULTS["anchor_weight"],
+        ge=0.0,
+        le=1e3,
+        description="learned: pull towards the network output, relative to mean(A^T A 1)",
+    )
     i0: float = Field(1e5, ge=1e2, le=1e9, description="incident photons per detector bin and view")
     seed: int = Field(0, ge=0, description="seed of the Poisson noise (deterministic)")
     detector: Literal["equiangular", "flat"] = Field(
@@ -125,7 +155,9 @@ class SparseViewCTParams(BaseModel):
         return value
 
     def resolved_iterations(self) -> int:
-        """Iterations of the chosen iterative method (0 for ``fbp``)."""
+        """Iterations of the chosen iterative method or data-consistency step (0 for ``fbp``)."""
+        if self.method == "learned":
+            return self.dc_iterations if self.data_consistency == "tv" else 0
         if self.method not in DEFAULT_ITERATIONS:
             return 0
         return self.iterations if self.iterations is not None else DEFAULT_ITERATIONS[self.method]

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -34,7 +33,7 @@ from models.pipelines.sparse_view_ct.acquisition import (
 from models.pipelines.sparse_view_ct.learned import MODELS_DIR, load_network, postprocess
 from models.pipelines.sparse_view_ct.measured import run_measured
 from models.pipelines.sparse_view_ct.params import LEARNED_WEIGHTS, SparseViewCTParams
-from models.pipelines.sparse_view_ct.reconstruct import reconstruct_slice, residuals
+from models.pipelines.sparse_view_ct.reconstruct import reconstruct_slice, refine_slice, residuals
 from models.registry import provenance_for
 from models.result import Figure, ProgressCallback, Result
 from models.sinogram import Sinogram
@@ -64,6 +63,21 @@ def _comparison_figure(
         f"Slice {k}: input (reference) | FBP from {views} views | {method} from {views} views; "
         f"window {window.name}; rows down, columns right as stored.",
     )
+
+
+def _dc_facts(params: SparseViewCTParams) -> dict[str, Any]:
+    """What the data-consistency step of ``learned`` did (``result.json``)."""
+    if params.data_consistency == "none":
+        return {"method": "none", "note": "the result is the network output"}
+    return {
+        "method": "tv",
+        "iterations": params.dc_iterations,
+        "tv_weight": params.dc_tv_weight,
+        "anchor_weight": params.dc_anchor_weight,
+        "objective": "1/2 ||A x - y||^2 + lambda TV(x) + mu/2 ||x - x_net||^2, x >= 0; "
+        "lambda = tv_weight mean(A^T 1), mu = anchor_weight mean(A^T A 1); started at x_net",
+        "note": "network_psnr_db / network_ssim: the network output before this step",
+    }
 
 
 def _network(device: str) -> Any:
@@ -111,12 +125,19 @@ def run_postprocess(
         reference), runtime and a input | result figure; no PSNR (there is no reference).
 
     Raises:
-        InputRejected: A method other than ``learned``, non-CT input.
+        InputRejected: A method other than ``learned``, an explicit ``data_consistency="tv"``
+            (there is no sinogram to be consistent with), non-CT input.
     """
     if params.method != "learned":
         raise InputRejected(
             f"input_kind 'sparse-view-fbp' is post-processed by method 'learned' only (fbp, "
             f"sirt, cgls and tv need projection data), got {params.method!r}"
+        )
+    if params.data_consistency == "tv" and "data_consistency" in params.model_fields_set:
+        raise InputRejected(
+            "data_consistency 'tv' needs projection data, and an FBP series has none: use "
+            "data_consistency 'none', or give the full-dose CT (input_kind full-dose-ct) or the "
+            "sinogram"
         )
     check_input(image)
     started = time.perf_counter()
@@ -130,6 +151,10 @@ def run_postprocess(
         "method": "learned",
         "views": params.views,
         "weights": LEARNED_WEIGHTS,
+        "data_consistency": {
+            "method": "none",
+            "note": "an FBP series carries no projection data: the result is the network output",
+        },
         "units": "HU",
         "runtime_seconds": elapsed,
         "seconds_per_slice": elapsed / k,
@@ -190,6 +215,8 @@ def run_simulated(
     rng = np.random.default_rng(params.seed)
     fbp_mu = np.empty(padded.shape, dtype=np.float32)
     result_mu = np.empty(padded.shape, dtype=np.float32)
+    # the network's own output, kept to report its quality before the data-consistency step
+    network_mu = np.empty(padded.shape if net is not None else (0, 0, 0), dtype=np.float32)
     fbp_res: list[float] = []
     result_res: list[float] = []
     fbp_seconds = 0.0
@@ -205,22 +232,34 @@ def run_simulated(
             k = lo + i
             if params.method == "fbp":
                 result_mu[k], residual = fbp_mu[k], fbp_res[k]
-            elif net is not None:
-                corrected = postprocess(mu_to_hu(fbp_mu[k : k + 1]), params.views, net)
-                result_mu[k] = hu_to_mu(corrected)[0]
-                residual = residuals(result_mu[k : k + 1], sino[None], projector)[0]
             else:
 
                 def step(f: float, k: int = k) -> None:
                     progress((k + f) / n_slices, params.method)
 
-                result_mu[k], residual = reconstruct_slice(sino, projector, params, step)
+                if net is None:
+                    result_mu[k], residual = reconstruct_slice(sino, projector, params, step)
+                else:
+                    corrected = postprocess(mu_to_hu(fbp_mu[k : k + 1]), params.views, net)
+                    network_mu[k] = hu_to_mu(corrected)[0]
+                    if params.data_consistency == "tv":
+                        result_mu[k], residual = refine_slice(
+                            sino, projector, network_mu[k], params, step
+                        )
+                    else:
+                        result_mu[k] = network_mu[k]
+                        residual = residuals(result_mu[k : k + 1], sino[None], projector)[0]
             result_res.append(residual)
             progress((k + 1) / n_slices, params.method)
     elapsed = time.perf_counter() - started
     out_hu = mu_to_hu(result_mu)[:, rows, cols]
     fbp_hu = mu_to_hu(fbp_mu)[:, rows, cols]
     k, h, w = image.shape
+    compared = {"result": out_hu, "fbp": fbp_hu}
+    learned_facts: dict[str, Any] = {}
+    if net is not None:
+        compared["network"] = mu_to_hu(network_mu)[:, rows, cols]
+        learned_facts = {"data_consistency": _dc_facts(params)}
     measurements: dict[str, Any] = {
         "input": "full-dose CT (simulated sparse-view scan)",
         "method": params.method,
@@ -236,7 +275,8 @@ def run_simulated(
         "residual_mean": float(np.mean(result_res)),
         "fbp_residual_per_slice": [float(r) for r in fbp_res],
         "fbp_residual_mean": float(np.mean(fbp_res)),
-        **quality_against_input(reference, {"result": out_hu, "fbp": fbp_hu}),
+        **learned_facts,
+        **quality_against_input(reference, compared),
         "units": "HU",
         "runtime_seconds": elapsed,
         "seconds_per_slice": elapsed / k,
@@ -244,9 +284,6 @@ def run_simulated(
         "device": device,
         "shape": [k, h, w],
     }
-    for key in ("result_psnr_db", "fbp_psnr_db", "result_ssim", "fbp_ssim"):
-        if not math.isfinite(measurements[key]):
-            measurements[key] = None  # JSON has no inf/nan (empty body mask or exact match)
     figure = _comparison_figure(reference, fbp_hu, out_hu, params.method, params.views)
     provenance = provenance_for("sparse-view-ct", params, image)
     meta = {**image.meta, "derived_from": "sparse-view-ct"}

@@ -61,6 +61,42 @@ def reconstruct_slice(
     return rec.image, rec.report.residual
 
 
+def refine_slice(
+    sinogram: npt.NDArray[np.float32],
+    projector: Projector,
+    prior_mu: npt.NDArray[np.float32],
+    params: SparseViewCTParams,
+    progress: SliceProgress,
+) -> tuple[npt.NDArray[np.float32], float]:
+    """The data-consistency step of ``learned``: TV least squares anchored to the network.
+
+    ``params.dc_iterations`` of :func:`tv_pdhg` started from ``prior_mu`` with the anchor term
+    ``mu/2 ||x - prior_mu||^2`` (``dc_anchor_weight``) and ``dc_tv_weight``.
+
+    Args:
+        sinogram: Noisy line integrals, ``(n_views, n_det)``.
+        projector: The scan's projector.
+        prior_mu: The network's image (1/mm, ``(N, N)``).
+        params: Validated parameters.
+        progress: Called with the fraction of this slice's iterations done.
+
+    Returns:
+        The image (1/mm, ``(N, N)``) and its residual ``||A x - y|| / ||y||``.
+    """
+    rec = tv_pdhg(
+        sinogram,
+        projector,
+        params.dc_iterations,
+        tv_weight=params.dc_tv_weight,
+        nonnegative=params.nonnegative,
+        initial=prior_mu,
+        anchor=prior_mu,
+        anchor_weight=params.dc_anchor_weight,
+        progress=lambda it, total, _r: progress(it / max(total, 1)),
+    )
+    return rec.image, rec.report.residual
+
+
 def residuals(
     images_mu: npt.NDArray[np.float32], sinograms: npt.NDArray[np.float32], projector: Projector
 ) -> list[float]:
