@@ -14,7 +14,7 @@ from models.errors import InputRejected, InvalidParameters
 from models.physics.lowdose import estimate_body_mask
 from models.pipelines.sparse_view_ct import pipeline as pipeline_module
 from models.pipelines.sparse_view_ct.metrics import psnr_db, ssim_in_mask, ssim_map
-from models.pipelines.sparse_view_ct.params import SparseViewCTParams
+from models.pipelines.sparse_view_ct.params import SparseViewCTParams, resolve_method
 from models.pipelines.sparse_view_ct.pipeline import run
 from models.registry import get_spec, validate_params
 from models.volume import Volume
@@ -133,10 +133,13 @@ def test_absurd_view_counts_are_refused(views):
         validate_params(get_spec("sparse-view-ct"), {"views": views})
 
 
-def test_learned_is_accepted_with_shipped_weights_but_tv_stays_default():
+def test_auto_method_is_learned_for_images_and_tv_for_projection_data():
     spec = get_spec("sparse-view-ct")
     assert validate_params(spec, {"method": "learned"}).method == "learned"
-    assert validate_params(spec, {}).method == "tv"  # learned is 2.2 dB below TV at 18 views
+    assert validate_params(spec, {}).method == "auto"
+    assert resolve_method("auto", projection_data=False) == "learned"
+    assert resolve_method("auto", projection_data=True) == "tv"  # learned is refused there
+    assert resolve_method("sirt", projection_data=False) == "sirt"
 
 
 def test_unknown_parameter_gets_a_hint():

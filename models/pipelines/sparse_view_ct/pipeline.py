@@ -32,7 +32,11 @@ from models.pipelines.sparse_view_ct.acquisition import (
 )
 from models.pipelines.sparse_view_ct.learned import MODELS_DIR, load_network, postprocess
 from models.pipelines.sparse_view_ct.measured import run_measured
-from models.pipelines.sparse_view_ct.params import LEARNED_WEIGHTS, SparseViewCTParams
+from models.pipelines.sparse_view_ct.params import (
+    LEARNED_WEIGHTS,
+    SparseViewCTParams,
+    resolve_method,
+)
 from models.pipelines.sparse_view_ct.reconstruct import reconstruct_slice, refine_slice, residuals
 from models.registry import provenance_for
 from models.result import Figure, ProgressCallback, Result
@@ -96,6 +100,9 @@ def run(
     :func:`run_simulated`.
     """
     device = resolve_device(params.device)
+    method = resolve_method(params.method, "sinogram" in inputs)
+    if method != params.method:  # "auto": the stamped parameters name the method that ran
+        params = params.model_copy(update={"method": method})
     if "sinogram" in inputs:
         sinogram = inputs["sinogram"]
         if not isinstance(sinogram, Sinogram):
