@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -112,26 +113,54 @@ def sample_batch(
         in network units (HU / ``HU_SCALE``), and the FOV mask ``(B, 1, size, size)`` (0/1).
     """
     rng = np.random.default_rng([seed, step, 0x5C7])
-    xs, ys, ms = [], [], []
+    samples = []
     for _ in range(batch):
-        case = cases[int(rng.integers(len(cases)))]
-        slices = case.body_slices
-        k = int(slices[rng.integers(len(slices))]) if slices.size else case.cbct.shape[0] // 2
+        case, k = _draw_slice(cases, rng)
         x = stack_slices(case.cbct, k, context)
         y = np.asarray(case.ct[k : k + 1], dtype=np.float32)
         m = case.fov[k : k + 1].astype(np.float32)
-        h, w = x.shape[-2:]
-        offset = (int(rng.integers(max(h - size, 0) + 1)), int(rng.integers(max(w - size, 0) + 1)))
-        x, y, m = (fit_plane(a, size, f, offset) for a, f in ((x, AIR_HU), (y, AIR_HU), (m, 0.0)))
-        if flip and rng.uniform() < 0.5:
-            x, y, m = x[:, ::-1], y[:, ::-1], m[:, ::-1]
-        xs.append(x)
-        ys.append(y)
-        ms.append(m)
+        samples.append(_crop_and_flip(x, y, m, rng, size, flip))
+    return _stacked(samples)
+
+
+def _draw_slice(cases: Sequence[SCTCase], rng: np.random.Generator) -> tuple[SCTCase, int]:
+    """A random case and a random body slice of it (its middle slice if it has none)."""
+    case = cases[int(rng.integers(len(cases)))]
+    slices = case.body_slices
+    k = int(slices[rng.integers(len(slices))]) if slices.size else case.cbct.shape[0] // 2
+    return case, k
+
+
+def _crop_and_flip(
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.float32],
+    m: npt.NDArray[np.float32],
+    rng: np.random.Generator,
+    size: int,
+    flip: bool,
+) -> tuple[npt.NDArray[np.float32], ...]:
+    """The same random in-plane ``size`` crop (air/0 padded) and left-right flip of all three.
+
+    ``x``, ``y``, ``m``: ``(C, H, W)`` stacks (channels or slices first); the flip mirrors
+    axis 1 with probability 1/2 when ``flip``.
+    """
+    h, w = x.shape[-2:]
+    offset = (int(rng.integers(max(h - size, 0) + 1)), int(rng.integers(max(w - size, 0) + 1)))
+    x, y, m = (fit_plane(a, size, f, offset) for a, f in ((x, AIR_HU), (y, AIR_HU), (m, 0.0)))
+    if flip and rng.uniform() < 0.5:
+        x, y, m = x[:, ::-1], y[:, ::-1], m[:, ::-1]
+    return x, y, m
+
+
+def _stacked(
+    samples: Sequence[tuple[Any, ...]],
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """``(x, y, mask)`` batches of ``(x, y, mask)`` samples; x and y in network units."""
+    xs, ys, ms = zip(*samples, strict=True)
     return (
-        np.stack(xs) / HU_SCALE,
-        np.stack(ys) / HU_SCALE,
-        np.ascontiguousarray(np.stack(ms)),
+        np.divide(np.stack(xs), HU_SCALE, dtype=np.float32),
+        np.divide(np.stack(ys), HU_SCALE, dtype=np.float32),
+        np.ascontiguousarray(np.stack(ms), dtype=np.float32),
     )
 
 
@@ -163,11 +192,10 @@ def sample_patches(
         ``(B, 1, depth, size, size)``.
     """
     rng = np.random.default_rng([seed, step, 0x5C73D])
-    xs, ys, ms = [], [], []
+    samples = []
     for _ in range(batch):
-        case = cases[int(rng.integers(len(cases)))]
-        slices, k_n = case.body_slices, case.cbct.shape[0]
-        k = int(slices[rng.integers(len(slices))]) if slices.size else k_n // 2
+        case, k = _draw_slice(cases, rng)
+        k_n = case.cbct.shape[0]
         start = int(np.clip(k - depth // 2, 0, max(k_n - depth, 0)))
         stop = min(start + depth, k_n)
         x = np.asarray(case.cbct[start:stop], dtype=np.float32)
@@ -177,16 +205,5 @@ def sample_patches(
             pad = ((0, depth - (stop - start)), (0, 0), (0, 0))
             x, y = (np.pad(a, pad, constant_values=AIR_HU) for a in (x, y))
             m = np.pad(m, pad, constant_values=0.0)
-        h, w = x.shape[-2:]
-        offset = (int(rng.integers(max(h - size, 0) + 1)), int(rng.integers(max(w - size, 0) + 1)))
-        x, y, m = (fit_plane(a, size, f, offset) for a, f in ((x, AIR_HU), (y, AIR_HU), (m, 0.0)))
-        if flip and rng.uniform() < 0.5:
-            x, y, m = x[:, ::-1], y[:, ::-1], m[:, ::-1]
-        xs.append(x[None])
-        ys.append(y[None])
-        ms.append(m[None])
-    return (
-        np.stack(xs) / HU_SCALE,
-        np.stack(ys) / HU_SCALE,
-        np.ascontiguousarray(np.stack(ms)),
-    )
+        samples.append(tuple(a[None] for a in _crop_and_flip(x, y, m, rng, size, flip)))
+    return _stacked(samples)

@@ -109,7 +109,7 @@ def validate(
     for case in cases:
         cbct = np.asarray(case.cbct, np.float32)
         sct = predict_canonical(network, network_config, cbct, bf16=precision == "bf16")
-        sct[~case.fov] = np.asarray(case.cbct, np.float32)[~case.fov]
+        sct[~case.fov] = cbct[~case.fov]
         mae, raw = body_fov_mae(sct, case)
         per_case[case.name] = {"mae_hu": round(mae, 2), "cbct_mae_hu": round(raw, 2)}
     mean = float(np.mean([v["mae_hu"] for v in per_case.values()])) if per_case else float("nan")
