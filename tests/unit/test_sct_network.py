@@ -19,6 +19,7 @@ from models.networks.selective_scan import backend_for, sequential_scan, ssd_sca
 from models.training.sct_data import SCTCase, sample_batch, stack_slices
 from models.training.sct_losses import sct_loss, ssim_map
 from models.training.sct_train import SCTTrainConfig, learning_rate, train
+from tests.unit.sct_world import assert_halves_the_cbct_error, bias_config, synthetic_case
 
 
 @pytest.mark.parametrize(("length", "chunk"), [(100, 16), (64, 64), (37, 8), (5, 64)])
@@ -123,12 +124,7 @@ def test_ssim_map_of_an_image_with_itself_is_one() -> None:
 
 
 def _case(seed: int, shape: tuple[int, int, int] = (12, 40, 36)) -> SCTCase:
-    rng = np.random.default_rng(seed)
-    ct = np.full(shape, -1000, np.int16)
-    ct[:, 8:32, 6:30] = rng.integers(-50, 80, size=(shape[0], 24, 24))
-    ct[:, 15:20, 12:18] = 900
-    cbct = (0.9 * ct.astype(np.float32) - 60).astype(np.int16)
-    return SCTCase(f"pt_{seed}", cbct, ct, np.ones(shape, bool))
+    return synthetic_case(seed, shape)
 
 
 def test_sample_batch_is_a_function_of_seed_and_step() -> None:
@@ -166,23 +162,10 @@ def test_learning_rate_warms_up_then_decays() -> None:
 
 def test_training_a_small_network_corrects_a_hu_bias() -> None:
     cases, val = [_case(s) for s in range(4)], [_case(9)]
-    config = SCTTrainConfig(
-        arch="glfc",
-        steps=60,
-        batch=4,
-        lr=3e-3,
-        warmup=5,
-        size=32,
-        precision="fp32",
-        validate_every=30,
-        features=(8, 16, 32),
-    )
+    config = bias_config("glfc", batch=4, features=(8, 16, 32))
     saved: list[int] = []
     outcome = train(config, cases, val, save=lambda s: saved.append(s["step"]))
-    first = next(h for h in outcome.history if "validation" in h)
-    raw = first["validation"]["cbct_mae_hu"]
-    assert raw > 50
-    assert outcome.best["mae_hu"] < 0.5 * raw
+    assert_halves_the_cbct_error(outcome)
     assert saved[-1] == 60
     resumed = train(
         SCTTrainConfig(**{**config.__dict__, "steps": 70}), cases, val, resume_state=outcome.state

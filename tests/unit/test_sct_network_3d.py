@@ -10,16 +10,12 @@ from models.errors import InputRejected
 from models.networks.glfc import DEFAULT_CONFIGS, SCTUNet, build_network, parameter_count
 from models.pipelines.cbct_to_sct.learned import predict_canonical, predict_volume_3d
 from models.training.sct_data import SCTCase, sample_patches
-from models.training.sct_train import SCTTrainConfig, train
+from models.training.sct_train import train
+from tests.unit.sct_world import assert_halves_the_cbct_error, bias_config, synthetic_case
 
 
 def _case(seed: int, shape: tuple[int, int, int] = (20, 40, 36)) -> SCTCase:
-    rng = np.random.default_rng(seed)
-    ct = np.full(shape, -1000, np.int16)
-    ct[:, 8:32, 6:30] = rng.integers(-50, 80, size=(shape[0], 24, 24))
-    ct[:, 15:20, 12:18] = 900
-    cbct = (0.9 * ct.astype(np.float32) - 60).astype(np.int16)
-    return SCTCase(f"pt_{seed}", cbct, ct, np.ones(shape, bool))
+    return synthetic_case(seed, shape)
 
 
 def test_3d_network_is_the_plain_unet_in_3d_of_about_its_size() -> None:
@@ -78,20 +74,6 @@ def test_slab_inference_keeps_each_slabs_centre_and_covers_every_slice() -> None
 
 def test_training_the_3d_network_corrects_a_hu_bias() -> None:
     cases, val = [_case(s) for s in range(4)], [_case(9)]
-    config = SCTTrainConfig(
-        arch="unet3d",
-        steps=60,
-        batch=2,
-        lr=3e-3,
-        warmup=5,
-        size=32,
-        precision="fp32",
-        validate_every=30,
-        features=(16, 32),
-    )
-    outcome = train(config, cases, val)
-    first = next(h for h in outcome.history if "validation" in h)
-    raw = first["validation"]["cbct_mae_hu"]
-    assert raw > 50
-    assert outcome.best["mae_hu"] < 0.5 * raw
+    outcome = train(bias_config("unet3d", batch=2, features=(16, 32)), cases, val)
+    assert_halves_the_cbct_error(outcome)
     assert outcome.state["network"]["arch"] == "unet3d"
