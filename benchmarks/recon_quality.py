@@ -208,6 +208,7 @@ def evaluate(
     from models.pipelines.sparse_view_ct.reconstruct import refine_slice
 
     learned = learned if learned is not None else SparseViewCTParams(method="learned")
+    its_of = {**iterations, "tv weak": tv_weak[0]}
 
     sim = SparseViewSimulator(SimulationConfig(views=tuple(views), i0=i0))
     out: dict[str, dict[int, list[Score]]] = {}
@@ -242,7 +243,6 @@ def evaluate(
                         network = mu_to_hu(image)
                         net_s += time.perf_counter() - t
                     add("learned", v, _score(network, target, net_s))
-                its_of = {**iterations, "tv weak": tv_weak[0]}
                 for method, fn, kwargs in (
                     ("SIRT", sirt, {"nonnegative": True}),
                     ("CGLS", cgls, {}),
