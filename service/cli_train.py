@@ -84,6 +84,12 @@ def _add_segment(tsub: Any) -> None:
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument(
+        "--init-weights",
+        default=None,
+        metavar="FILE",
+        help="start a new run from these weights (a model.pt or checkpoint), not --resume",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_train_segment)

@@ -243,6 +243,11 @@ def _card(
             f"{', '.join(facts['val']) or 'none'}; resampled to {list(facts['spacing'])} mm, "
             f"{ORIENTATION}; {config.steps} steps of batch {config.batch_size}, patch "
             f"{list(config.patch)}, seed {config.seed}"
+            + (
+                f"; initialised from {facts['initialised_from']}"
+                if facts["initialised_from"]
+                else ""
+            )
         ),
         "metrics": (
             f"validation Dice (hard, sliding window, network grid) at step "
@@ -263,6 +268,29 @@ def _card_label(value: int, name: str, codes: Any) -> dict[str, Any]:
     if "type" in entry and "category" not in entry:
         entry["category"] = ["123037004", "SCT", "Anatomical Structure"]
     return entry
+
+
+def _initial_weights(path: str | None) -> Any:
+    """``--init-weights``: a model's ``model.pt`` (any float dtype) or a training checkpoint."""
+    if not path:
+        return None
+    import pickle
+
+    import torch
+
+    from models.pipelines.segment.card import ModelCardInvalid
+    from models.pipelines.segment.networks import state_dict_of
+    from models.provenance import file_sha256
+    from models.training.segment_train import InitialWeights
+
+    file = Path(path)
+    try:
+        weights = state_dict_of(torch.load(file, map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ModelCardInvalid) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = f"--init-weights {file.name}: not a weights file: {reason}"
+        raise InvalidParameters(message) from None
+    return InitialWeights(weights, f"{file.name} sha256 {file_sha256(file)}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -306,6 +334,7 @@ def run(args: argparse.Namespace) -> int:
                 train_cases,
                 val_cases,
                 resume_state=resume,
+                initial=_initial_weights(args.init_weights),
                 save_checkpoint=lambda state: atomic_torch_save(state, checkpoint),
                 progress=progress,
             )
@@ -328,6 +357,7 @@ def run(args: argparse.Namespace) -> int:
         validation=outcome.metrics["validation"],
         label_codes=meta.get("label_codes"),
         best_step=outcome.metrics["best_step"],
+        initialised_from=outcome.metrics["initialised_from"],
     )
     atomic_json(card, folder / "card.json")
     shipped = folder / SHIPPED_CHECKPOINT

@@ -247,6 +247,19 @@ def validate(
     }
 
 
+@dataclass(frozen=True)
+class InitialWeights:
+    """Weights a new training run starts from (see :func:`train`).
+
+    Attributes:
+        weights: A state dict of the configured network (any float dtype; fp16 files are fine).
+        source: What they are, recorded in the checkpoint and metrics (e.g. file and sha256).
+    """
+
+    weights: dict[str, torch.Tensor]
+    source: str
+
+
 @dataclass
 class SegTrainOutcome:
     """What :func:`train` returns.
@@ -283,6 +296,7 @@ def train(
     val_cases: Sequence[SegCase],
     *,
     resume_state: dict[str, Any] | None = None,
+    initial: InitialWeights | None = None,
     save_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> SegTrainOutcome:
@@ -293,18 +307,40 @@ def train(
         train_cases: Training cases.
         val_cases: Held-out cases (may be empty: then the last weights are "best").
         resume_state: A checkpoint dict from an earlier call.
+        initial: Weights to start a new run from (fine-tuning, or continuing a model whose
+            optimiser state was not kept) instead of the seeded initialisation: step 0, fresh
+            AdamW moments, the full learning-rate schedule. Not with ``resume_state``.
         save_checkpoint: Called with the state every ``checkpoint_every`` steps and at the end.
         progress: ``progress(step, steps, loss)`` after every step.
 
     Returns:
-        A :class:`SegTrainOutcome`.
+        A :class:`SegTrainOutcome`; ``metrics["initialised_from"]`` names the initial weights
+        (kept across resumes; ``None``: seeded initialisation).
+
+    Raises:
+        InputRejected: Bad device, a checkpoint made with other settings, both ``resume_state``
+            and ``initial``, or initial weights that do not fit the network.
     """
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputRejected("device 'cuda' asked for but CUDA is not available")
+    if resume_state is not None and initial is not None:
+        raise InputRejected(
+            "initial weights start a new run; a resumed run continues from its checkpoint"
+        )
     if resume_state is not None:
         _check_resume(resume_state, config)
     model = build_network(config).to(device)
+    initialised_from = None if resume_state is None else resume_state.get("initialised_from")
+    if initial is not None:
+        try:
+            model.load_state_dict(initial.weights, strict=True)
+        except RuntimeError as exc:
+            raise InputRejected(
+                f"initial weights {initial.source} do not fit the {config.arch} network "
+                f"{config.net_args}: {str(exc).splitlines()[0]}"
+            ) from None
+        initialised_from = initial.source
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -340,6 +376,7 @@ def train(
             "history": list(history),
             "validations": list(validations),
             "config": asdict(config),
+            "initialised_from": initialised_from,
         }
 
     model.train()
@@ -384,6 +421,7 @@ def train(
         "steps_total": step,
         "steps_this_run": step - start_step,
         "resumed_from_step": start_step if resume_state is not None else None,
+        "initialised_from": initialised_from,
         "seconds_this_run": round(time.perf_counter() - started, 3),
         "best_step": best["step"] if best["model"] is not None else step,
         "validation": best["validation"],

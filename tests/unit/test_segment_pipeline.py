@@ -23,6 +23,7 @@ from models.labels import LabelMap
 from models.pipelines.segment.card import ModelCardInvalid, load_card
 from models.pipelines.segment.geometry import grid_affine, nearest_back, reorientation
 from models.pipelines.segment.inference import fill_holes, largest_component
+from models.pipelines.segment.networks import load_network
 from models.pipelines.segment.params import SegmentParams
 from models.pipelines.segment.pipeline import run
 from models.provenance import file_sha256
@@ -243,6 +244,14 @@ def test_sha256_mismatch_and_channel_mismatch_are_refused(trained, tmp_path):
     arch = {"name": "unet3d", "args": {**NET_ARGS, "out_channels": 4}}
     with pytest.raises(ModelCardInvalid, match="out_channels=4 contradicts the card"):
         load_card(_install(tmp_path / "b", trained["state_dict"], architecture=arch))
+
+
+def test_a_weights_file_that_is_not_torch_is_refused(tmp_path):
+    junk = tmp_path / "model.pt"
+    junk.write_bytes(b"not a checkpoint at all")  # sha256 matches: the card names this file
+    folder = _install(tmp_path / "m", junk)
+    with pytest.raises(ModelCardInvalid, match="not a weights file"):
+        load_network(folder, "cpu")
 
 
 def test_unknown_or_missing_model_is_refused_listing_installed(trained, tmp_path):

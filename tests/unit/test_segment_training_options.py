@@ -28,7 +28,7 @@ from models.pipelines.segment.pipeline import run as run_pipeline
 from models.provenance import file_sha256
 from models.result import no_progress
 from models.training.segment_data import AugmentConfig, SegCase, augment, make_batch
-from models.training.segment_train import SegTrainConfig, train
+from models.training.segment_train import InitialWeights, SegTrainConfig, train, training_loss
 from models.volume import Volume
 from service.cli_train import add_dataset_commands, add_train_commands
 from service.errors import InvalidParameters
@@ -282,3 +282,78 @@ def test_balanced_foreground_centres_small_organs_as_often_as_large_ones() -> No
     plain, balanced = small_share(False), small_share(True)
     assert plain < 0.05, plain
     assert 0.35 < balanced < 0.65, balanced
+
+
+def test_initial_weights_start_a_new_run_from_a_trained_model(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    label = np.zeros((20, 20, 20), np.uint8)
+    label[6:14, 6:14, 6:14] = 1
+    image = (label + rng.normal(0, 0.1, label.shape)).astype(np.float32)
+    cases = [SegCase("c", image, label)]
+    config = SegTrainConfig(
+        net_args={"channels": [4, 8], "strides": [2], "num_res_units": 0},
+        patch=(16, 16, 16),
+        steps=30,
+        checkpoint_every=100,
+    )
+    trained = train(config, cases, [])
+    fp16 = {k: v.half() for k, v in trained.model.state_dict().items()}
+    # one step with a negligible learning rate: the run starts where the trained model ended
+    # (its first loss is the trained model's on that batch, below a fresh network's)
+    short = SegTrainConfig(**{**config.__dict__, "steps": 1, "lr": 1e-9})
+    fresh = train(short, cases, [])
+    warm = train(short, cases, [], initial=InitialWeights(fp16, "model.pt sha256 x"))
+    assert warm.metrics["initialised_from"] == "model.pt sha256 x"
+    assert fresh.metrics["initialised_from"] is None
+    assert warm.state["initialised_from"] == "model.pt sha256 x"
+    first = warm.state["history"][0]["loss"]
+    images, labels, present = make_batch(
+        cases, seed=0, step=0, batch_size=2, patch=(16, 16, 16), n_labels=1, config=config.augment
+    )
+    with torch.no_grad():
+        expected = training_loss(
+            trained.model(torch.from_numpy(images)),
+            torch.from_numpy(labels),
+            torch.from_numpy(present),
+        )
+    assert first == pytest.approx(float(expected), rel=0.02)
+    assert first < 0.8 * fresh.state["history"][0]["loss"]
+    for key, value in fp16.items():
+        torch.testing.assert_close(warm.model.state_dict()[key].half(), value, atol=1e-3, rtol=0)
+    # the record survives a resume of the warm-started run
+    longer = SegTrainConfig(**{**short.__dict__, "steps": 2})
+    resumed = train(longer, cases, [], resume_state=warm.state)
+    assert resumed.metrics["initialised_from"] == "model.pt sha256 x"
+    with pytest.raises(InputRejected, match="new run"):
+        train(longer, cases, [], resume_state=warm.state, initial=InitialWeights(fp16, "x"))
+    other = SegTrainConfig(**{**short.__dict__, "net_args": {"channels": [4, 16], "strides": [2]}})
+    with pytest.raises(InputRejected, match="do not fit"):
+        train(other, cases, [], initial=InitialWeights(fp16, "model.pt"))
+
+
+def test_worker_init_weights_is_recorded_in_card_and_metrics(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    entries = []
+    for n in range(3):
+        label = np.zeros((20, 20, 20), np.uint8)
+        label[5:13, 5:13, 5:13] = 1
+        image = (100.0 * label + rng.normal(0, 5, label.shape)).astype(np.float32)
+        entries.append(_write(tmp_path, f"c{n}", image, label))
+    meta = {"labels": {"0": "background", "1": "Cube"}, "training": entries}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    common = [
+        "train", "segment", "--data", str(tmp_path), "--name", "m", "--patch", "16", "16", "16",
+        "--net-args", json.dumps({"channels": [4, 8], "strides": [2], "num_res_units": 0}),
+        "--steps", "2", "-q",
+    ]  # fmt: skip
+    assert run_worker(_args(*common, "--out", str(tmp_path / "a"))) == 0
+    weights = tmp_path / "a" / "m" / "model.pt"
+    args = _args(*common, "--out", str(tmp_path / "b"), "--init-weights", str(weights))
+    assert run_worker(args) == 0
+    source = f"model.pt sha256 {file_sha256(weights)}"
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["initialised_from"] == source
+    assert f"initialised from {source}" in load_card(tmp_path / "b" / "m").training_data
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    bad = _args(*common, "--out", str(tmp_path / "c"), "--init-weights", str(tmp_path / "junk.pt"))
+    with pytest.raises(InvalidParameters, match=r"junk\.pt: not a weights file"):
+        run_worker(bad)

@@ -7,6 +7,7 @@ network class and arguments are read from the bundle config as data
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,12 @@ def build_network(card: ModelCard, folder: Path | None = None) -> FinalOutput:
     return FinalOutput(net).eval()
 
 
-def _state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """The state dict of a checkpoint: the object itself or its ``state_dict``/``model`` key."""
+def state_dict_of(obj: Any) -> dict[str, torch.Tensor]:
+    """The state dict in a loaded weights file: the object or its ``state_dict``/``model`` key.
+
+    Raises:
+        ModelCardInvalid: Neither is a dict of tensors.
+    """
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
@@ -109,7 +114,12 @@ def load_network(folder: Path, device: str) -> tuple[ModelCard, FinalOutput]:
         return card, FinalOutput(script).eval()
     net = build_network(card, folder)
     try:
-        state = _state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelCardInvalid(f"model {card.name}: not a weights file: {reason}") from None
+    try:
+        state = state_dict_of(loaded)
         net.net.load_state_dict(state, strict=True)
     except (RuntimeError, OSError) as exc:
         raise ModelCardInvalid(f"model {card.name}: weights do not fit the card: {exc}") from None
