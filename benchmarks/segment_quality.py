@@ -22,7 +22,7 @@ PASS/FAIL.
 
 Run: ``python benchmarks/segment_quality.py [--models head-neck-oars-unet3d
 head-neck-oars-unetpp] [--models-root models/weights/segment] [--cases 30] [--threads 2]
-[--largest-component] [--json PATH]``.
+[--largest-component] [--mirroring off|on|both] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,11 @@ DEFAULT_MODELS = ["head-neck-oars-unet3d", "head-neck-oars-unetpp"]
 
 
 def evaluate(
-    model: str, root: Path, cases: list[dict[str, Any]], largest_component: bool
+    model: str,
+    root: Path,
+    cases: list[dict[str, Any]],
+    largest_component: bool,
+    mirroring: bool = False,
 ) -> dict[str, Any]:
     """Run ``model`` on every case; per-organ Dice and HD95 on the source grid."""
     from models.pipelines.segment.metrics import dice, hd95
@@ -55,7 +59,12 @@ def evaluate(
     from service.io.nifti import read_nifti
 
     params = SegmentParams.model_validate(
-        {"model": model, "device": "cpu", "largest_component": largest_component},
+        {
+            "model": model,
+            "device": "cpu",
+            "largest_component": largest_component,
+            "mirroring": mirroring,
+        },
         context={"models_root": root},
     )
     per: dict[str, dict[str, list[float]]] = {}
@@ -89,7 +98,7 @@ def evaluate(
         }
     means = [o["dice_mean"] for o in organs.values() if o["cases"]]
     return {
-        "model": model,
+        "model": model + (" +mirroring" if mirroring else ""),
         "cases": len(cases),
         "organs": organs,
         "mean_dice": float(np.mean(means)) if means else float("nan"),
@@ -130,8 +139,9 @@ def _targets(results: list[dict[str, Any]]) -> list[str]:
             f"{'PASS' if mandible >= 0.90 else 'FAIL'}"
         )
     by = {r["model"]: r["mean_dice"] for r in results}
-    unet = next((v for k, v in by.items() if "unet3d" in k), None)
-    unetpp = next((v for k, v in by.items() if "unetpp" in k), None)
+    plain = {k: v for k, v in by.items() if "+" not in k}
+    unet = next((v for k, v in plain.items() if "unet3d" in k), None)
+    unetpp = next((v for k, v in plain.items() if "unetpp" in k), None)
     if unet is not None and unetpp is not None:
         out.append(
             f"UNet++ {unetpp:.3f} >= 3D U-Net {unet:.3f}: {'PASS' if unetpp >= unet else 'FAIL'}"
@@ -148,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=0, help="first K validation cases (0 all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--largest-component", action="store_true")
+    parser.add_argument(
+        "--mirroring",
+        default="off",
+        choices=["off", "on", "both"],
+        help="test-time mirroring (both: every model without and with, side by side)",
+    )
     parser.add_argument("--json", default="", help="write the figures here")
     args = parser.parse_args(argv)
 
@@ -160,7 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cases:
         cases = cases[: args.cases]
     root = Path(args.models_root)
-    results = [evaluate(m, root, cases, args.largest_component) for m in args.models]
+    flags = {"off": [False], "on": [True], "both": [False, True]}[args.mirroring]
+    results = [
+        evaluate(m, root, cases, args.largest_component, mirror)
+        for m in args.models
+        for mirror in flags
+    ]
     print(
         f"OpenKBP validation, {len(cases)} patients (QC-flagged dropped), scored on the source "
         f"grid; postprocessing: {'largest component' if args.largest_component else 'none'}; "

@@ -237,6 +237,7 @@ def _card(
         "intensity": facts["intensity"],
         "patch_size": list(config.patch),
         "labels": [_card_label(v, n, facts["label_codes"]) for v, n in labels],
+        **_mirroring(config),
         "training_data": (
             f"{facts['dataset']}: {len(facts['train'])} training cases "
             f"({', '.join(facts['train'])}); held out for validation: "
@@ -256,6 +257,19 @@ def _card(
             else "no validation cases: no metrics measured"
         ),
     }
+
+
+def _mirroring(config: Any) -> dict[str, Any]:
+    """The card's test-time mirroring: the flips the training augmentation used.
+
+    Axis 0 of the RAS frame is left-right, where ``mirror_pairs`` were swapped; none without
+    flips.
+    """
+    axes = sorted(config.augment.flip_axes) if config.augment.flip else []
+    if not axes:
+        return {}
+    swap = [list(p) for p in config.augment.mirror_pairs] if 0 in axes else []
+    return {"mirroring": {"axes": axes, "swap": swap}}
 
 
 def _card_label(value: int, name: str, codes: Any) -> dict[str, Any]:

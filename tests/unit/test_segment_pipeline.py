@@ -20,10 +20,10 @@ from monai.networks.nets import UNet
 
 from models.errors import InputRejected, InvalidParameters
 from models.labels import LabelMap
-from models.pipelines.segment.card import ModelCardInvalid, load_card
+from models.pipelines.segment.card import Mirroring, ModelCardInvalid, load_card
 from models.pipelines.segment.geometry import grid_affine, nearest_back, reorientation
 from models.pipelines.segment.inference import fill_holes, largest_component
-from models.pipelines.segment.networks import load_network
+from models.pipelines.segment.networks import MirroredOutput, build_network, load_network
 from models.pipelines.segment.params import SegmentParams
 from models.pipelines.segment.pipeline import run
 from models.provenance import file_sha256
@@ -179,6 +179,64 @@ def test_oblique_volume_segmented_on_its_own_grid(trained, tmp_path):
     assert result.provenance.weights_sha256 == file_sha256(trained["state_dict"])
     assert result.measurements["labels"]["Bright sphere"]["voxel_count"] == (seg.array == 1).sum()
     assert result.measurements["geometry"]["source_axes_to_canonical"]["perm"] != [0, 1, 2]
+
+
+def test_mirroring_is_equivariant_and_swaps_lateral_labels(trained):
+    """Mirrored-averaged logits of a flipped window are the flipped, label-swapped logits of the
+    window (exactly what a left-right symmetric model should give); the raw network is not."""
+    card = load_card(
+        _install(Path(str(trained["state_dict"])).parent / "mirror", trained["state_dict"]),
+        verify_sha256=False,
+    )
+    card = card.model_copy(update={"mirroring": Mirroring(axes=(0, 2), swap=((1, 2),))})
+    net = build_network(card)
+    net.net.load_state_dict(torch.load(trained["state_dict"], weights_only=True))
+    mirrored = MirroredOutput(net, card)
+    x = torch.from_numpy(_shapes(np.random.default_rng(5))[0])[None, None] / 500.0
+    swap = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        for dims in ((2,), (4,), (2, 4)):
+            expected = torch.flip(mirrored(x), dims)
+            if 2 in dims:  # the left-right axis of RAS: labels 1 and 2 trade places
+                expected = expected.index_select(1, swap)
+            torch.testing.assert_close(mirrored(torch.flip(x, dims)), expected)
+        raw = torch.flip(net(x), (2,)).index_select(1, swap)
+        assert (net(torch.flip(x, (2,))) - raw).abs().max() > 1e-3
+    assert len(mirrored.flips) == 3  # every combination of two axes besides the identity
+
+
+def test_mirroring_option_runs_and_is_refused_without_card_support(trained, tmp_path):
+    image, truth = _oblique_case()
+    plain = _install(tmp_path / "plain", trained["state_dict"]).parent
+    with pytest.raises(ValueError, match="allows no test-time mirroring"):
+        _segment(plain, image, mirroring=True)
+    root = _install(
+        tmp_path / "mirror", trained["state_dict"], mirroring={"axes": [0, 1, 2]}
+    ).parent
+    p = SegmentParams.model_validate(
+        {"model": "tiny-shapes", "device": "cpu", "mirroring": True}, context={"models_root": root}
+    )
+    result = run({"image": image}, p, no_progress, models_root=root)
+    seg = result.label_maps["segmentation"].array
+    assert min(_dice(seg == v, truth == v) for v in (1, 2)) > 0.9
+    assert result.measurements["geometry"]["test_time_mirroring"] == {"axes": [0, 1, 2], "swap": []}
+    assert result.provenance.parameters["mirroring"] is True
+
+
+@pytest.mark.parametrize(
+    ("mirroring", "message"),
+    [
+        ({"axes": [0, 0]}, "distinct tensor axes"),
+        ({"axes": [3]}, "distinct tensor axes"),
+        ({"axes": [1], "swap": [[1, 2]]}, "need the left-right axis"),
+        ({"axes": [0], "swap": [[1, 3]]}, "labels the card does not have"),
+        ({"axes": [0], "swap": [[1, 2], [2, 1]]}, "disjoint"),
+    ],
+)
+def test_inconsistent_mirroring_is_refused(trained, tmp_path, mirroring, message):
+    folder = _install(tmp_path, trained["state_dict"], mirroring=mirroring)
+    with pytest.raises(ModelCardInvalid, match=message):
+        load_card(folder)
 
 
 def test_torchscript_and_bundle_give_the_state_dict_output(trained, tmp_path):

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from models.errors import InputRejected
-from models.pipelines.segment.card import load_card
+from models.pipelines.segment.card import Mirroring, load_card
 from models.pipelines.segment.params import SegmentParams
 from models.pipelines.segment.pipeline import run as run_pipeline
 from models.provenance import file_sha256
@@ -352,7 +352,16 @@ def test_worker_init_weights_is_recorded_in_card_and_metrics(tmp_path: Path) -> 
     assert run_worker(args) == 0
     source = f"model.pt sha256 {file_sha256(weights)}"
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["initialised_from"] == source
-    assert f"initialised from {source}" in load_card(tmp_path / "b" / "m").training_data
+    card = load_card(tmp_path / "b" / "m")
+    assert f"initialised from {source}" in card.training_data
+    # the card allows test-time mirroring along the flips the training used, and no other
+    assert card.mirroring is not None
+    assert (card.mirroring.axes, card.mirroring.swap) == ((0, 1, 2), ())
+    args = _args(*common, "--out", str(tmp_path / "d"), "--flip-axes", "1", "--mirror-pairs")
+    assert run_worker(args) == 0
+    assert load_card(tmp_path / "d" / "m").mirroring == Mirroring(axes=(1,))
+    assert run_worker(_args(*common, "--out", str(tmp_path / "e"), "--flip-axes")) == 0
+    assert load_card(tmp_path / "e" / "m").mirroring is None
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     bad = _args(*common, "--out", str(tmp_path / "c"), "--init-weights", str(tmp_path / "junk.pt"))
     with pytest.raises(InvalidParameters, match=r"junk\.pt: not a weights file"):

@@ -168,6 +168,39 @@ class Intensity(BaseModel):
         return self
 
 
+class Mirroring(BaseModel):
+    """Test-time mirroring a model allows (as nnU-Net's mirror axes).
+
+    The model was trained with these flips, so its logits may be averaged over them.
+
+    Attributes:
+        axes: Network tensor axes (``0, 1, 2`` of the card's ``orientation``) the input may be
+            mirrored along; every combination is run (``2 ** len(axes)`` network passes).
+        swap: Label pairs that trade places when the left-right axis (the one whose
+            ``orientation`` code is L or R) is mirrored: a mirrored right parotid is a left one.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    axes: tuple[int, ...] = Field(min_length=1, max_length=3)
+    swap: tuple[tuple[int, int], ...] = ()
+
+    @field_validator("axes")
+    @classmethod
+    def _axes(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(value)) != len(value) or not all(0 <= a <= 2 for a in value):
+            raise ValueError(f"mirroring axes must be distinct tensor axes 0..2, got {value}")
+        return tuple(sorted(value))
+
+    @field_validator("swap")
+    @classmethod
+    def _pairs(cls, value: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+        flat = [v for pair in value for v in pair]
+        if len(set(flat)) != len(flat):
+            raise ValueError(f"mirroring swap pairs must be disjoint, got {value}")
+        return value
+
+
 class ModelCard(BaseModel):
     """A segmentation model's card (see the module docstring for the axis conventions).
 
@@ -184,6 +217,7 @@ class ModelCard(BaseModel):
         labels: Labels ``1..n`` in any order.
         training_data: What it was trained on (text).
         metrics: Validation metrics (text).
+        mirroring: Test-time mirroring the model allows (``None``: none).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -200,6 +234,7 @@ class ModelCard(BaseModel):
     labels: tuple[CardLabel, ...] = Field(min_length=1)
     training_data: str = ""
     metrics: str = ""
+    mirroring: Mirroring | None = None
 
     @field_validator("spacing_mm")
     @classmethod
@@ -242,7 +277,23 @@ class ModelCard(BaseModel):
             check_args(self.architecture.args, self.n_classes)
             factor = downsampling_factor(self.architecture.name, self.architecture.args)
             check_patch(self.patch_size, factor)
+        if self.mirroring is not None and self.mirroring.swap:
+            known = {lab.value for lab in self.labels}
+            if not all(v in known for pair in self.mirroring.swap for v in pair):
+                raise ValueError(
+                    f"mirroring swap {self.mirroring.swap} names labels the card does not have"
+                )
+            if self.left_right_axis not in self.mirroring.axes:
+                raise ValueError(
+                    "mirroring swap pairs need the left-right axis "
+                    f"({self.left_right_axis} of {self.orientation}) among the mirroring axes"
+                )
         return self
+
+    @property
+    def left_right_axis(self) -> int:
+        """The network tensor axis along which the patient's left-right runs."""
+        return next(t for t, c in enumerate(self.orientation) if c in "LR")
 
     @property
     def n_classes(self) -> int:

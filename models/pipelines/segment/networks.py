@@ -38,6 +38,45 @@ class FinalOutput(torch.nn.Module):
         return out
 
 
+class MirroredOutput(torch.nn.Module):
+    """Test-time mirroring: the mean of the logits over every combination of mirrored axes.
+
+    Each window is flipped along a subset of ``mirroring.axes``, run, flipped back and, when
+    the left-right axis was flipped, its ``mirroring.swap`` label channels exchanged (nnU-Net
+    mirrors each window the same way). ``2 ** len(axes)`` network passes per window.
+    Input ``(B, 1, p0, p1, p2)``; output logits ``(B, n_classes, p0, p1, p2)``.
+    """
+
+    swap: torch.Tensor
+
+    def __init__(self, net: torch.nn.Module, card: ModelCard) -> None:
+        """Wrap ``net`` with the card's mirroring (the card must allow some)."""
+        super().__init__()
+        if card.mirroring is None:
+            raise ModelCardInvalid(f"model {card.name}: its card allows no test-time mirroring")
+        self.net = net
+        axes = card.mirroring.axes
+        self.flips = [
+            tuple(2 + a for n, a in enumerate(axes) if mask >> n & 1)
+            for mask in range(1, 2 ** len(axes))
+        ]
+        self.lr_dim = 2 + card.left_right_axis
+        perm = list(range(card.n_classes))
+        for a, b in card.mirroring.swap:
+            perm[a], perm[b] = b, a
+        self.register_buffer("swap", torch.tensor(perm), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean logits over the identity and every mirror combination (float32)."""
+        total = self.net(x).float()
+        for dims in self.flips:
+            out = torch.flip(self.net(torch.flip(x, dims)), dims).float()
+            if self.lr_dim in dims:
+                out = out.index_select(1, self.swap)
+            total = total + out
+        return total / (len(self.flips) + 1)
+
+
 def _monai_class(name: str) -> type[torch.nn.Module]:
     cls: type[torch.nn.Module] = getattr(nets, name)
     return cls

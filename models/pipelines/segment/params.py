@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from models.errors import InputRejected
 from models.pipelines.segment.card import MODELS_ROOT, load_card, resolve_model
@@ -63,6 +70,11 @@ class SegmentParams(BaseModel):
     fill_holes: bool = Field(
         False, description="fill background holes enclosed by a label (3D, per label)"
     )
+    mirroring: bool = Field(
+        False,
+        description="test-time mirroring: average the logits over the flips the model's card "
+        "allows (left-right for the shipped models; 2 network passes per flipped axis)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto = CUDA when available, else CPU"
     )
@@ -79,3 +91,16 @@ class SegmentParams(BaseModel):
         except InputRejected as exc:
             raise ValueError(str(exc)) from None
         return name
+
+    @model_validator(mode="after")
+    def _mirroring_allowed(self, info: ValidationInfo) -> SegmentParams:
+        if not self.mirroring:
+            return self
+        root = models_root(info)
+        try:
+            card = load_card(root / resolve_model(self.model, root), verify_sha256=False)
+        except InputRejected as exc:
+            raise ValueError(str(exc)) from None
+        if card.mirroring is None:
+            raise ValueError(f"model {card.name}'s card allows no test-time mirroring")
+        return self

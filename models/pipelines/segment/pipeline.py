@@ -43,7 +43,7 @@ from models.pipelines.segment.inference import (
     predict_classes,
     resample_image,
 )
-from models.pipelines.segment.networks import FinalOutput, load_network
+from models.pipelines.segment.networks import FinalOutput, MirroredOutput, load_network
 from models.pipelines.segment.overlay import overlay_figure
 from models.pipelines.segment.params import SegmentParams
 from models.registry import provenance_for
@@ -87,7 +87,8 @@ def segment_volume(
         image: Source volume, ``array[k, j, i]``, affine ``(k, j, i, 1)`` -> LPS mm; CT in HU.
         card: The model's card (canonical frame, spacing, intensity, window, labels).
         network: The loaded network on its device.
-        params: Overlap, sw_batch, bf16, body cropping and postprocessing flags.
+        params: Overlap, sw_batch, bf16, test-time mirroring, body cropping and
+            postprocessing flags.
         progress: Progress callback.
 
     Returns:
@@ -138,7 +139,7 @@ def segment_volume(
     progress(0.2, "inference")
     classes_box = predict_classes(
         x,
-        network,
+        MirroredOutput(network, card) if params.mirroring else network,
         card.patch_size,
         overlap=params.overlap,
         sw_batch=params.sw_batch,
@@ -167,6 +168,11 @@ def segment_volume(
         "network_grid_spacing_mm": [float(s) for s in np.linalg.norm(net_affine[:3, :3], axis=0)],
         "padded_to_window": padded,
         "body_crop": crop_facts,
+        "test_time_mirroring": (
+            card.mirroring.model_dump(mode="json")
+            if params.mirroring and card.mirroring is not None
+            else None
+        ),
     }
     return label_map, facts
 
