@@ -10,6 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from models.pipelines.segment.card import TRAINABLE_ARCHITECTURES
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -48,7 +50,7 @@ def _add_segment(tsub: Any) -> None:
     p = tsub.add_parser("segment", help="3D U-Net / UNet++ segmentation on MSD-layout data")
     p.add_argument("--data", required=True, help="MSD folder (dataset.json) or a dataset JSON")
     p.add_argument("--out", required=True, help="output folder (checkpoint, metrics, model)")
-    p.add_argument("--arch", default="unet3d", choices=["unet3d", "unetpp", "dynunet"])
+    p.add_argument("--arch", default="unet3d", choices=TRAINABLE_ARCHITECTURES)
     p.add_argument("--net-args", default="", help="network arguments as JSON (card args)")
     p.add_argument("--name", default="segment-model", help="model folder / card name")
     p.add_argument("--version", default="0.1.0")

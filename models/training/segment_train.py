@@ -27,6 +27,7 @@ from monai.inferers import sliding_window_inference
 from monai.networks import nets
 
 from models.errors import InputRejected
+from models.pipelines.segment.card import TRAINABLE_ARCHITECTURES
 from models.training.segment_data import IGNORE, AugmentConfig, SegCase, make_batch
 
 RESUME_KEYS = ("arch", "net_args", "n_labels", "patch", "seed", "batch_size", "lr")
@@ -78,8 +79,10 @@ class SegTrainConfig:
         """Validate the fields."""
         if self.precision not in ("fp32", "bf16"):
             raise InputRejected(f"precision must be fp32 or bf16, got {self.precision!r}")
-        if self.arch not in ("unet3d", "unetpp", "dynunet"):
-            raise InputRejected(f"arch must be unet3d, unetpp or dynunet, got {self.arch!r}")
+        if self.arch not in TRAINABLE_ARCHITECTURES:
+            raise InputRejected(
+                f"arch must be one of {', '.join(TRAINABLE_ARCHITECTURES)}, got {self.arch!r}"
+            )
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.n_labels < 1:
             raise InputRejected("steps, batch_size, checkpoint_every, n_labels must be >= 1")
         if not 0 < self.lr < 1:

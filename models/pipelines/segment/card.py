@@ -50,6 +50,10 @@ AXIS_CODES: dict[str, tuple[int, int]] = {
 }
 """Axis code -> (LPS world axis, sign): ``L`` is +x of LPS, ``R`` is -x, and so on."""
 
+TRAINABLE_ARCHITECTURES = ("unet3d", "unetpp", "dynunet")
+"""``architecture.name`` values ``voxelgate train segment`` builds (the others come as MONAI
+bundles)."""
+
 BUNDLE_NETWORKS: dict[str, int | None] = {
     "UNet": None,
     "BasicUNet": 16,
