@@ -121,6 +121,21 @@ def _write(root: Path, name: str, image: np.ndarray, label: np.ndarray) -> dict[
     return {"case": name, "image": f"{name}_img.nii.gz", "label": f"{name}_lab.nii.gz"}
 
 
+def _block_dataset(
+    root: Path, prefix: str, size: int, box: tuple[slice, ...], hu: float, noise: float, seed: int
+) -> None:
+    """Three ``size``³ cases with label 1 (a block of ``hu``) in ``box``; ``root/dataset.json``."""
+    rng = np.random.default_rng(seed)
+    entries = []
+    for n in range(3):
+        label = np.zeros((size, size, size), np.uint8)
+        label[box] = 1
+        image = (hu * label + rng.normal(0, noise, label.shape)).astype(np.float32)
+        entries.append(_write(root, f"{prefix}{n}", image, label))
+    meta = {"labels": {"0": "background", "1": "Block"}, "training": entries}
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
@@ -231,15 +246,7 @@ def test_openkbp_dataset_uses_official_splits_and_drops_flagged_cases(tmp_path: 
 
 
 def test_dynunet_baseline_trains_and_runs_in_the_pipeline(tmp_path: Path) -> None:
-    rng = np.random.default_rng(3)
-    entries = []
-    for n in range(3):
-        label = np.zeros((32, 32, 32), np.uint8)
-        label[8:20, 10:22, 6:18] = 1
-        image = (200.0 * label + rng.normal(0, 10, label.shape)).astype(np.float32)
-        entries.append(_write(tmp_path, f"d{n}", image, label))
-    meta = {"labels": {"0": "background", "1": "Block"}, "training": entries}
-    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    _block_dataset(tmp_path, "d", 32, (slice(8, 20), slice(10, 22), slice(6, 18)), 200.0, 10.0, 3)
     net_args = {
         "kernel_size": [3, 3, 3],
         "strides": [1, 2, 2],
@@ -256,7 +263,8 @@ def test_dynunet_baseline_trains_and_runs_in_the_pipeline(tmp_path: Path) -> Non
     assert run_worker(args) == 0
     card = load_card(out / "dyn")
     assert card.architecture.name == "dynunet"
-    image = Volume(rng.normal(0, 10, (20, 24, 28)).astype(np.float32), np.eye(4), modality="CT")
+    noise = np.random.default_rng(3).normal(0, 10, (20, 24, 28)).astype(np.float32)
+    image = Volume(noise, np.eye(4), modality="CT")
     params = SegmentParams.model_validate(
         {"model": "dyn", "device": "cpu"}, context={"models_root": out}
     )
@@ -332,15 +340,7 @@ def test_initial_weights_start_a_new_run_from_a_trained_model(tmp_path: Path) ->
 
 
 def test_worker_init_weights_is_recorded_in_card_and_metrics(tmp_path: Path) -> None:
-    rng = np.random.default_rng(4)
-    entries = []
-    for n in range(3):
-        label = np.zeros((20, 20, 20), np.uint8)
-        label[5:13, 5:13, 5:13] = 1
-        image = (100.0 * label + rng.normal(0, 5, label.shape)).astype(np.float32)
-        entries.append(_write(tmp_path, f"c{n}", image, label))
-    meta = {"labels": {"0": "background", "1": "Cube"}, "training": entries}
-    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    _block_dataset(tmp_path, "c", 20, (slice(5, 13),) * 3, 100.0, 5.0, 4)
     common = [
         "train", "segment", "--data", str(tmp_path), "--name", "m", "--patch", "16", "16", "16",
         "--net-args", json.dumps({"channels": [4, 8], "strides": [2], "num_res_units": 0}),
