@@ -154,11 +154,12 @@ _SPECS: tuple[PipelineSpec, ...] = (
     ),
     PipelineSpec(
         name="segment",
-        version="1.0.0",
+        version="1.1.0",
         summary=(
             "3D segmentation with an installed model (3D U-Net, UNet++ or DynUNet, chosen by "
             "its card): canonical orientation, card spacing, CT body crop, Gaussian sliding "
-            "window streamed in bf16, labels returned nearest-neighbour onto the input grid. "
+            "window streamed in bf16 (optional test-time mirroring), labels returned "
+            "nearest-neighbour onto the input grid. "
             "Ships head-neck-oars-unet3d (default) and head-neck-oars-unetpp: 7 head-and-neck "
             "organs at risk on CT, trained on OpenKBP (validation mean Dice 0.69 and 0.37)."
         ),
