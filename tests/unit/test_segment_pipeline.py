@@ -315,8 +315,8 @@ def test_a_weights_file_that_is_not_torch_is_refused(tmp_path):
 def test_unknown_or_missing_model_is_refused_listing_installed(trained, tmp_path):
     with pytest.raises(
         InvalidParameters,
-        match=r"'head-neck-oars' is not installed \(did you mean 'head-neck-oars-unet(3d|pp)'\?\)"
-        r".*: head-neck-oars-unet3d, head-neck-oars-unetpp",
+        match=r"'head-neck-oars' is not installed \(did you mean 'head-neck-oars-[a-z0-9]+'\?\)"
+        r".*: head-neck-oars-dynunet, head-neck-oars-unet3d, head-neck-oars-unetpp",
     ):
         validate_params(get_spec("segment"), {"model": "head-neck-oars"})
     root = _install(tmp_path, trained["state_dict"]).parent
