@@ -288,22 +288,16 @@ def _initial_weights(path: str | None) -> Any:
     """``--init-weights``: a model's ``model.pt`` (any float dtype) or a training checkpoint."""
     if not path:
         return None
-    import pickle
-
-    import torch
-
     from models.pipelines.segment.card import ModelCardInvalid
-    from models.pipelines.segment.networks import state_dict_of
+    from models.pipelines.segment.networks import read_state_dict
     from models.provenance import file_sha256
     from models.training.segment_train import InitialWeights
 
     file = Path(path)
     try:
-        weights = state_dict_of(torch.load(file, map_location="cpu", weights_only=True))
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ModelCardInvalid) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        message = f"--init-weights {file.name}: not a weights file: {reason}"
-        raise InvalidParameters(message) from None
+        weights = read_state_dict(file)
+    except ModelCardInvalid as exc:
+        raise InvalidParameters(f"--init-weights {file.name}: {exc}") from None
     return InitialWeights(weights, f"{file.name} sha256 {file_sha256(file)}")
 
 

@@ -130,6 +130,20 @@ def state_dict_of(obj: Any) -> dict[str, torch.Tensor]:
     return obj
 
 
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a weights file (a state dict, or a checkpoint with ``model``), on CPU.
+
+    Raises:
+        ModelCardInvalid: The file cannot be read as torch weights, or holds no state dict.
+    """
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelCardInvalid(f"not a weights file: {reason}") from None
+    return state_dict_of(loaded)
+
+
 def load_network(folder: Path, device: str) -> tuple[ModelCard, FinalOutput]:
     """Load an installed model folder: card (sha256 verified), then the network, eval mode.
 
@@ -153,12 +167,10 @@ def load_network(folder: Path, device: str) -> tuple[ModelCard, FinalOutput]:
         return card, FinalOutput(script).eval()
     net = build_network(card, folder)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelCardInvalid(f"model {card.name}: not a weights file: {reason}") from None
+        state = read_state_dict(path)
+    except ModelCardInvalid as exc:
+        raise ModelCardInvalid(f"model {card.name}: {exc}") from None
     try:
-        state = state_dict_of(loaded)
         net.net.load_state_dict(state, strict=True)
     except (RuntimeError, OSError) as exc:
         raise ModelCardInvalid(f"model {card.name}: weights do not fit the card: {exc}") from None
