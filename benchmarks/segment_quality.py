@@ -15,6 +15,10 @@ grid** (128³ as released, 3.75–5.4 mm in-plane) against the clinical contours
   the reference was not contoured; those cases are not scored for it);
 * HD95 (mm) per organ (:func:`models.pipelines.segment.metrics.hd95`), median and mean over
   the same cases; a case where the model finds nothing counts as ``inf`` (reported apart);
+* surface Dice (NSD, :func:`models.pipelines.segment.metrics.surface_dice`) per organ at a
+  tolerance of ``--nsd-tolerance`` mm (default 4 mm: about one in-plane voxel of the model grid,
+  3.9 mm), which tells "boundary a voxel off" (high NSD, modest Dice) from "organ missed or
+  misplaced" (both low);
 * mean Dice over the 7 organs (mean of the per-organ means) and seconds per volume.
 
 Targets (issue 6): mean Dice >= 0.80, mandible >= 0.90, UNet++ >= 3D U-Net. Printed with
@@ -22,7 +26,7 @@ PASS/FAIL.
 
 Run: ``python benchmarks/segment_quality.py [--models head-neck-oars-unet3d
 head-neck-oars-unetpp] [--models-root models/weights/segment] [--cases 30] [--threads 2]
-[--largest-component] [--mirroring off|on|both] [--json PATH]``.
+[--largest-component] [--mirroring off|on|both] [--nsd-tolerance MM] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -50,9 +54,10 @@ def evaluate(
     cases: list[dict[str, Any]],
     largest_component: bool,
     mirroring: bool = False,
+    nsd_tolerance_mm: float = 4.0,
 ) -> dict[str, Any]:
-    """Run ``model`` on every case; per-organ Dice and HD95 on the source grid."""
-    from models.pipelines.segment.metrics import dice, hd95
+    """Run ``model`` on every case; per-organ Dice, HD95 and surface Dice on the source grid."""
+    from models.pipelines.segment.metrics import dice, hd95, surface_dice
     from models.pipelines.segment.params import SegmentParams
     from models.pipelines.segment.pipeline import run
     from models.result import no_progress
@@ -81,17 +86,19 @@ def evaluate(
         spacing = np.linalg.norm(image.affine[:3, :3], axis=0)
         for value in case["present"]:
             pred, ref = seg.array == value, truth == value
-            row = per.setdefault(names[value], {"dice": [], "hd95": []})
+            row = per.setdefault(names[value], {"dice": [], "hd95": [], "nsd": []})
             row["dice"].append(dice(pred, ref))
             row["hd95"].append(hd95(pred, ref, spacing))
+            row["nsd"].append(surface_dice(pred, ref, spacing, nsd_tolerance_mm))
     organs = {}
     for name in (names[v] for v in sorted(names)):
-        row = per.get(name, {"dice": [], "hd95": []})
+        row = per.get(name, {"dice": [], "hd95": [], "nsd": []})
         finite = [h for h in row["hd95"] if math.isfinite(h)]
         organs[name] = {
             "cases": len(row["dice"]),
             "dice_mean": float(np.mean(row["dice"])) if row["dice"] else float("nan"),
             "dice_median": float(np.median(row["dice"])) if row["dice"] else float("nan"),
+            "nsd_mean": float(np.mean(row["nsd"])) if row["nsd"] else float("nan"),
             "hd95_median_mm": float(np.median(finite)) if finite else float("nan"),
             "hd95_mean_mm": float(np.mean(finite)) if finite else float("nan"),
             "missed": len(row["hd95"]) - len(finite),
@@ -102,6 +109,7 @@ def evaluate(
         "cases": len(cases),
         "organs": organs,
         "mean_dice": float(np.mean(means)) if means else float("nan"),
+        "nsd_tolerance_mm": nsd_tolerance_mm,
         "seconds_per_volume": float(np.median(seconds)) if seconds else float("nan"),
     }
 
@@ -109,24 +117,34 @@ def evaluate(
 def _table(results: list[dict[str, Any]]) -> str:
     organs = list(results[0]["organs"])
     head = "| organ (cases) | " + " | ".join(
-        f"{r['model']} Dice | HD95 median (mm)" for r in results
+        f"{r['model']} Dice | NSD@{r['nsd_tolerance_mm']:g}mm | HD95 median (mm)" for r in results
     )
-    lines = [head + " |", "|" + "---|" * (1 + 2 * len(results))]
+    lines = [head + " |", "|" + "---|" * (1 + 3 * len(results))]
     for organ in organs:
         cells = [f"{organ} ({results[0]['organs'][organ]['cases']})"]
         for r in results:
             o = r["organs"][organ]
             missed = f", {o['missed']} missed" if o["missed"] else ""
-            cells += [f"{o['dice_mean']:.3f}", f"{o['hd95_median_mm']:.1f}{missed}"]
+            cells += [
+                f"{o['dice_mean']:.3f}",
+                f"{o['nsd_mean']:.3f}",
+                f"{o['hd95_median_mm']:.1f}{missed}",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(
         "| **mean Dice** | "
         + " | ".join(
-            f"**{r['mean_dice']:.3f}** | {r['seconds_per_volume']:.1f} s/vol" for r in results
+            f"**{r['mean_dice']:.3f}** | {_mean_nsd(r):.3f} | {r['seconds_per_volume']:.1f} s/vol"
+            for r in results
         )
         + " |"
     )
     return "\n".join(lines)
+
+
+def _mean_nsd(result: dict[str, Any]) -> float:
+    values = [o["nsd_mean"] for o in result["organs"].values() if o["cases"]]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def _targets(results: list[dict[str, Any]]) -> list[str]:
@@ -164,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=["off", "on", "both"],
         help="test-time mirroring (both: every model without and with, side by side)",
     )
+    parser.add_argument(
+        "--nsd-tolerance", type=float, default=4.0, help="surface Dice tolerance, mm"
+    )
     parser.add_argument("--json", default="", help="write the figures here")
     args = parser.parse_args(argv)
 
@@ -178,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.models_root)
     flags = {"off": [False], "on": [True], "both": [False, True]}[args.mirroring]
     results = [
-        evaluate(m, root, cases, args.largest_component, mirror)
+        evaluate(m, root, cases, args.largest_component, mirror, args.nsd_tolerance)
         for m in args.models
         for mirror in flags
     ]
