@@ -132,7 +132,7 @@ def _table(results: list[dict[str, Any]]) -> str:
             ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(
-        "| **mean Dice** | "
+        "| **mean** | "
         + " | ".join(
             f"**{r['mean_dice']:.3f}** | {_mean_nsd(r):.3f} | {r['seconds_per_volume']:.1f} s/vol"
             for r in results
