@@ -103,12 +103,13 @@ def evaluate(
             "hd95_mean_mm": float(np.mean(finite)) if finite else float("nan"),
             "missed": len(row["hd95"]) - len(finite),
         }
-    means = [o["dice_mean"] for o in organs.values() if o["cases"]]
+    scored = [o for o in organs.values() if o["cases"]]
     return {
         "model": model + (" +mirroring" if mirroring else ""),
         "cases": len(cases),
         "organs": organs,
-        "mean_dice": float(np.mean(means)) if means else float("nan"),
+        "mean_dice": float(np.mean([o["dice_mean"] for o in scored])) if scored else float("nan"),
+        "mean_nsd": float(np.mean([o["nsd_mean"] for o in scored])) if scored else float("nan"),
         "nsd_tolerance_mm": nsd_tolerance_mm,
         "seconds_per_volume": float(np.median(seconds)) if seconds else float("nan"),
     }
@@ -134,17 +135,12 @@ def _table(results: list[dict[str, Any]]) -> str:
     lines.append(
         "| **mean** | "
         + " | ".join(
-            f"**{r['mean_dice']:.3f}** | {_mean_nsd(r):.3f} | {r['seconds_per_volume']:.1f} s/vol"
+            f"**{r['mean_dice']:.3f}** | {r['mean_nsd']:.3f} | {r['seconds_per_volume']:.1f} s/vol"
             for r in results
         )
         + " |"
     )
     return "\n".join(lines)
-
-
-def _mean_nsd(result: dict[str, Any]) -> float:
-    values = [o["nsd_mean"] for o in result["organs"].values() if o["cases"]]
-    return float(np.mean(values)) if values else float("nan")
 
 
 def _targets(results: list[dict[str, Any]]) -> list[str]:
